@@ -1,0 +1,234 @@
+//! The shared KV cache: the pool behind a lock, and RAII leases.
+//!
+//! # Concurrency choice
+//!
+//! The pool sits behind one mutex. The lock is held only for the pool's own
+//! bookkeeping (no I/O, no blocking call, no callback), and poisoning is
+//! ignored (see `sync.rs`). Dropping a [`Lease`] never takes the pool lock:
+//! it pushes the holder id onto a small release queue (its own mutex, held
+//! for one push), and whoever locks the pool next drains that queue first.
+//! So a lease may be dropped anywhere, on any thread, even while the same
+//! thread holds the pool lock, without deadlock, and its pins are returned
+//! before any other operation can observe the pool.
+//!
+//! Until drained, a dropped lease's blocks stay pinned, which is always safe:
+//! the only cost is that they are reused a moment later.
+//!
+//! Every operation that names a holder takes the [`Lease`], and refuses one
+//! minted by another cache: a session used with the wrong model instance is
+//! an error, never a silent run on someone else's KV.
+
+use std::ops::Deref;
+
+use crate::block_hash::{BlockHasher, ChainRoot, SequenceHasher};
+use crate::block_pool::{BlockPool, CowCopy, Evicted, PoolConfig, PrefixHit, SlotRef};
+use crate::error::KvError;
+use crate::ids::{Epoch, HolderId, OwnerTag, TokenId};
+use crate::sync::{Arc, Mutex, MutexGuard, lock};
+
+struct Shared {
+    pool: Mutex<BlockPool>,
+    released: Mutex<Vec<HolderId>>,
+}
+
+/// A handle on one model instance's KV cache. Clones share the cache.
+#[derive(Clone)]
+pub struct KvCache {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache").finish_non_exhaustive()
+    }
+}
+
+/// Ownership of one holder (a sequence's table, a session, a pin). Dropping
+/// it releases every block it holds, on every path: success, error, abort,
+/// preemption, panic.
+#[must_use = "dropping a lease releases its blocks at once"]
+pub struct Lease {
+    shared: Arc<Shared>,
+    id: HolderId,
+    armed: bool,
+}
+
+impl Lease {
+    /// The holder's id (for diagnostics; operations take the lease itself).
+    pub fn id(&self) -> HolderId {
+        self.id
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({:?})", self.id)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.shared.released).push(self.id);
+        }
+    }
+}
+
+impl KvCache {
+    /// A cache over a new pool.
+    pub fn new(config: PoolConfig, hasher: BlockHasher) -> Result<Self, KvError> {
+        let pool = BlockPool::new(config, hasher)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                pool: Mutex::new(pool),
+                released: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Locks the pool, first returning the blocks of every dropped lease.
+    pub fn lock(&self) -> PoolGuard<'_> {
+        let mut pool = lock(&self.shared.pool);
+        let released = std::mem::take(&mut *lock(&self.shared.released));
+        for id in released {
+            pool.release(id)
+                .expect("a lease is released exactly once: a second release is a bug");
+        }
+        PoolGuard { cache: self, pool }
+    }
+
+    /// Shorthand for one `lookup_and_pin` under the lock.
+    pub fn lookup_and_pin(
+        &self,
+        tag: OwnerTag,
+        seq: &SequenceHasher,
+    ) -> Result<(Lease, PrefixHit), KvError> {
+        self.lock().lookup_and_pin(tag, seq)
+    }
+
+    fn lease(&self, id: HolderId) -> Lease {
+        Lease {
+            shared: self.shared.clone(),
+            id,
+            armed: true,
+        }
+    }
+}
+
+/// The locked pool. Reads go through `Deref`; mutations that name a holder
+/// take its [`Lease`].
+pub struct PoolGuard<'a> {
+    cache: &'a KvCache,
+    pool: MutexGuard<'a, BlockPool>,
+}
+
+impl Deref for PoolGuard<'_> {
+    type Target = BlockPool;
+    fn deref(&self) -> &BlockPool {
+        &self.pool
+    }
+}
+
+impl PoolGuard<'_> {
+    fn own(&self, lease: &Lease) -> Result<HolderId, KvError> {
+        if Arc::ptr_eq(&lease.shared, &self.cache.shared) {
+            Ok(lease.id)
+        } else {
+            Err(KvError::ForeignLease(lease.id))
+        }
+    }
+
+    /// See [`BlockPool::lookup_and_pin`]; the pins live as long as the lease.
+    pub fn lookup_and_pin(
+        &mut self,
+        tag: OwnerTag,
+        seq: &SequenceHasher,
+    ) -> Result<(Lease, PrefixHit), KvError> {
+        let (id, hit) = self.pool.lookup_and_pin(tag, seq)?;
+        Ok((self.cache.lease(id), hit))
+    }
+
+    /// A lease on a new, empty holder.
+    pub fn new_lease(&mut self, tag: OwnerTag, root: ChainRoot) -> Lease {
+        let id = self.pool.new_holder(tag, root);
+        self.cache.lease(id)
+    }
+
+    /// See [`BlockPool::fork`].
+    pub fn fork(&mut self, lease: &Lease, tag: OwnerTag) -> Result<Lease, KvError> {
+        let src = self.own(lease)?;
+        let id = self.pool.fork(src, tag)?;
+        Ok(self.cache.lease(id))
+    }
+
+    /// See [`BlockPool::allocate`].
+    pub fn allocate(&mut self, lease: &Lease, n: usize) -> Result<Vec<Evicted>, KvError> {
+        let id = self.own(lease)?;
+        self.pool.allocate(id, n)
+    }
+
+    /// See [`BlockPool::write`].
+    pub fn write(
+        &mut self,
+        lease: &Lease,
+        epoch: Epoch,
+        tokens: &[TokenId],
+    ) -> Result<usize, KvError> {
+        let id = self.own(lease)?;
+        self.pool.write(id, epoch, tokens)
+    }
+
+    /// See [`BlockPool::write_pending`].
+    pub fn write_pending(&mut self, lease: &Lease, epoch: Epoch) -> Result<SlotRef, KvError> {
+        let id = self.own(lease)?;
+        self.pool.write_pending(id, epoch)
+    }
+
+    /// See [`BlockPool::touch`].
+    pub fn touch(&mut self, lease: &Lease, epoch: Epoch) -> Result<(), KvError> {
+        let id = self.own(lease)?;
+        self.pool.touch(id, epoch)
+    }
+
+    /// See [`BlockPool::copy_on_write`].
+    pub fn copy_on_write(
+        &mut self,
+        lease: &Lease,
+        epoch: Epoch,
+    ) -> Result<Option<CowCopy>, KvError> {
+        let id = self.own(lease)?;
+        self.pool.copy_on_write(id, epoch)
+    }
+
+    /// Releases the lease's blocks now, under this lock.
+    pub fn release(&mut self, mut lease: Lease) -> Result<(), KvError> {
+        let id = self.own(&lease)?;
+        lease.armed = false;
+        self.pool.release(id)
+    }
+
+    /// See [`BlockPool::resolve`].
+    pub fn resolve(&mut self, slot: SlotRef, token: TokenId) -> Result<(), KvError> {
+        self.pool.resolve(slot, token)
+    }
+
+    /// See [`BlockPool::next_epoch`].
+    pub fn next_epoch(&mut self) -> Epoch {
+        self.pool.next_epoch()
+    }
+
+    /// See [`BlockPool::complete`].
+    pub fn complete(&mut self, epoch: Epoch) -> Result<(), KvError> {
+        self.pool.complete(epoch)
+    }
+
+    /// See [`BlockPool::fail`].
+    pub fn fail(&mut self, epoch: Epoch) -> Result<(), KvError> {
+        self.pool.fail(epoch)
+    }
+
+    /// See [`BlockPool::evict_cached`].
+    pub fn evict_cached(&mut self, limit: usize) -> Vec<Evicted> {
+        self.pool.evict_cached(limit)
+    }
+}
