@@ -546,12 +546,19 @@ impl BlockPool {
         Ok(evicted)
     }
 
-    /// Forks a holder: a new holder sharing every block of `h` (refcount +1
-    /// each). A write into a shared partial block needs [`Self::copy_on_write`].
+    /// Forks a holder: a new holder sharing every block of `h` that holds
+    /// tokens (refcount +1 each; empty blocks allocated ahead stay `h`'s).
+    /// A write into a shared partial block needs [`Self::copy_on_write`].
     pub fn fork(&mut self, h: HolderId, tag: OwnerTag) -> Result<HolderId, KvError> {
+        let bs = self.bs();
         let src = self.holder(h)?;
-        let (root, blocks, tokens, last_epoch) =
-            (src.root, src.blocks.clone(), src.tokens, src.last_epoch);
+        let used = src.tokens.div_ceil(bs);
+        let (root, blocks, tokens, last_epoch) = (
+            src.root,
+            src.blocks[..used].to_vec(),
+            src.tokens,
+            src.last_epoch,
+        );
         for &b in &blocks {
             self.work += 1;
             self.pin(b);
@@ -612,6 +619,12 @@ impl BlockPool {
         let holder = self.holder_mut(h).expect("checked above");
         holder.blocks[pos] = dst;
         holder.last_epoch = holder.last_epoch.max(epoch);
+        // An empty block allocated ahead now follows the copy. Only this
+        // holder has it: forks share blocks that hold tokens, hits are full.
+        if let Some(&next) = holder.blocks.get(pos + 1) {
+            debug_assert_eq!(self.blocks[next.index()].refcount, 1);
+            self.blocks[next.index()].parent = Some((dst, generation));
+        }
         self.decref(src, epoch);
         Ok(Some(CowCopy {
             src,

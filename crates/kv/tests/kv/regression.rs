@@ -471,3 +471,30 @@ fn sanitizer_reports_a_stale_generation() {
     assert_eq!(v.owners, vec![OwnerTag(42)]);
     assert!(v.to_string().contains("KV sanitizer"));
 }
+
+/// A block hit while quarantined, then released again by a later step,
+/// waits for that later step: its old quarantine entry must not free it.
+#[test]
+fn a_block_pinned_out_of_quarantine_waits_for_its_new_window() {
+    let mut f = Fixture::new(6, 4);
+    let prompt = tokens(0..9);
+    let (a, e1) = f.prefill(1, &prompt);
+    let e2 = f.pool.next_epoch();
+    f.pool.touch(a, e2).unwrap();
+    f.complete(e1);
+    f.release(a); // quarantined until e2
+    let (b, hit) = f.lookup(2, &prompt);
+    assert_eq!(hit.blocks, 2);
+    let first = f.pool.table(b).unwrap()[0];
+    let e3 = f.pool.next_epoch();
+    f.pool.touch(b, e3).unwrap();
+    f.release(b); // quarantined again, now until e3
+    f.complete(e2);
+    assert_eq!(
+        f.pool.block_state(first),
+        BlockState::Quarantined,
+        "e3 still reads {first:?}"
+    );
+    f.complete(e3);
+    assert_eq!(f.pool.block_state(first), BlockState::Free);
+}
