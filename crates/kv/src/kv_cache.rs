@@ -232,3 +232,223 @@ impl PoolGuard<'_> {
         self.pool.evict_cached(limit)
     }
 }
+
+/// Randomized-schedule tests of the paths where threads meet: completions
+/// from the executor, lease drops from request handlers, the scheduler's
+/// lookups and allocations. Run with
+/// `RUSTFLAGS="--cfg shuttle" cargo test -p strata-kv --lib shuttle`.
+#[cfg(all(test, shuttle))]
+mod shuttle_tests {
+    use shuttle::sync::atomic::{AtomicBool, Ordering};
+    use shuttle::thread;
+
+    use super::*;
+    use crate::{Access, BlockHasher, BlockId, ExtraKeys, HashKey, PoolConfig};
+
+    const ITERATIONS: usize = 2000;
+
+    fn setup(num_blocks: u32) -> (KvCache, BlockHasher, ChainRoot) {
+        let hasher = BlockHasher::new(&HashKey::from_bytes([3; 32]), 2);
+        let root = hasher.root(ExtraKeys {
+            model_fingerprint: b"m",
+            cache_salt: None,
+        });
+        let cache = KvCache::new(
+            PoolConfig {
+                num_blocks,
+                block_size: 2,
+            },
+            hasher.clone(),
+        )
+        .unwrap();
+        (cache, hasher, root)
+    }
+
+    fn toks(n: u32) -> Vec<TokenId> {
+        (0..n).map(TokenId::new).collect()
+    }
+
+    /// Publishes a 2-block prefix of `toks(5)` and returns its blocks.
+    fn publish_prefix(cache: &KvCache, hasher: &BlockHasher, root: ChainRoot) -> Vec<BlockId> {
+        let mut seq = hasher.sequence(root);
+        seq.extend(&toks(5));
+        let mut pool = cache.lock();
+        let (lease, _) = pool.lookup_and_pin(OwnerTag(0), &seq).unwrap();
+        pool.allocate(&lease, 3).unwrap();
+        let e = pool.next_epoch();
+        pool.write(&lease, e, &toks(5)).unwrap();
+        pool.complete(e).unwrap();
+        let blocks = pool.table(lease.id()).unwrap()[..2].to_vec();
+        pool.release(lease).unwrap();
+        blocks
+    }
+
+    fn assert_whole(cache: &KvCache) {
+        let mut pool = cache.lock();
+        let issued = pool.stats().issued;
+        if pool.stats().completed < issued {
+            pool.complete(issued).unwrap();
+        }
+        pool.check_invariants().unwrap();
+        assert!(pool.is_whole(), "not whole: {:?}", pool.stats());
+    }
+
+    fn scenario_completion_races_allocation() {
+        let (cache, _, root) = setup(4);
+        let (a_blocks, a_gens, e1) = {
+            let mut pool = cache.lock();
+            let a = pool.new_lease(OwnerTag(1), root);
+            pool.allocate(&a, 2).unwrap();
+            let e1 = pool.next_epoch();
+            pool.write(&a, e1, &toks(4)).unwrap();
+            let blocks = pool.table(a.id()).unwrap().to_vec();
+            let gens: Vec<_> = blocks.iter().map(|&b| pool.generation(b)).collect();
+            pool.release(a).unwrap(); // finished while e1 runs
+            (blocks, gens, e1)
+        };
+        let executor = {
+            let cache = cache.clone();
+            let a_blocks = a_blocks.clone();
+            thread::spawn(move || {
+                let accesses: Vec<_> = a_blocks
+                    .iter()
+                    .zip(&a_gens)
+                    .map(|(&b, &g)| (b, g, Access::Write))
+                    .collect();
+                let mut pool = cache.lock();
+                pool.validate(e1, &accesses)
+                    .expect("a running step's blocks were taken");
+                pool.complete(e1).unwrap();
+            })
+        };
+        let scheduler = {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                let mut pool = cache.lock();
+                let b = pool.new_lease(OwnerTag(2), root);
+                for _ in 0..4 {
+                    if pool.allocate(&b, 1).is_err() {
+                        break;
+                    }
+                    let got = *pool.table(b.id()).unwrap().last().unwrap();
+                    if a_blocks.contains(&got) {
+                        assert!(
+                            pool.stats().completed >= e1,
+                            "{got:?} reused before e1 completed"
+                        );
+                    }
+                    drop(pool);
+                    thread::yield_now();
+                    pool = cache.lock();
+                }
+                drop(b);
+            })
+        };
+        executor.join().unwrap();
+        scheduler.join().unwrap();
+        assert_whole(&cache);
+    }
+
+    fn scenario_lease_dropped_on_another_thread() {
+        let (cache, hasher, root) = setup(5);
+        let prefix = publish_prefix(&cache, &hasher, root);
+        let dropped = std::sync::Arc::new(AtomicBool::new(false));
+        let mut seq = hasher.sequence(root);
+        seq.extend(&toks(5));
+        let (lease, hit) = cache.lookup_and_pin(OwnerTag(1), &seq).unwrap();
+        assert_eq!(hit.blocks, 2);
+        let handler = {
+            let dropped = dropped.clone();
+            thread::spawn(move || {
+                thread::yield_now();
+                dropped.store(true, Ordering::SeqCst);
+                drop(lease); // the client disconnects before allocation
+            })
+        };
+        let scheduler = {
+            let cache = cache.clone();
+            let dropped = dropped.clone();
+            thread::spawn(move || {
+                let b = cache.lock().new_lease(OwnerTag(2), root);
+                for _ in 0..5 {
+                    let mut pool = cache.lock();
+                    if pool.allocate(&b, 1).is_ok() {
+                        let got = *pool.table(b.id()).unwrap().last().unwrap();
+                        if prefix.contains(&got) {
+                            assert!(
+                                dropped.load(Ordering::SeqCst),
+                                "{got:?} evicted under a live pin"
+                            );
+                        }
+                    }
+                    drop(pool);
+                    thread::yield_now();
+                }
+            })
+        };
+        handler.join().unwrap();
+        scheduler.join().unwrap();
+        assert_whole(&cache);
+    }
+
+    fn scenario_hit_races_eviction() {
+        let (cache, hasher, root) = setup(4);
+        let prefix = publish_prefix(&cache, &hasher, root);
+        let requester = {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                let mut seq = hasher.sequence(root);
+                seq.extend(&toks(5));
+                let (lease, hit) = cache.lookup_and_pin(OwnerTag(1), &seq).unwrap();
+                let pinned = {
+                    let pool = cache.lock();
+                    let t = pool.table(lease.id()).unwrap().to_vec();
+                    t.iter()
+                        .map(|&b| (b, pool.generation(b)))
+                        .collect::<Vec<_>>()
+                };
+                assert!(hit.blocks == 0 || pinned.iter().map(|p| p.0).eq(prefix.iter().copied()));
+                thread::yield_now();
+                let pool = cache.lock();
+                for &(b, g) in &pinned {
+                    assert_eq!(pool.generation(b), g, "{b:?} was reallocated while pinned");
+                }
+                drop(pool);
+                drop(lease);
+            })
+        };
+        let evictor = {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                let mut pool = cache.lock();
+                let b = pool.new_lease(OwnerTag(2), root);
+                let free = pool.free_blocks();
+                pool.allocate(&b, free).unwrap();
+                drop(pool);
+                thread::yield_now();
+                drop(b);
+            })
+        };
+        requester.join().unwrap();
+        evictor.join().unwrap();
+        assert_whole(&cache);
+    }
+
+    #[test]
+    fn shuttle_completion_races_allocation() {
+        shuttle::check_random(scenario_completion_races_allocation, ITERATIONS);
+        shuttle::check_pct(scenario_completion_races_allocation, ITERATIONS, 3);
+    }
+
+    #[test]
+    fn shuttle_lease_dropped_on_another_thread_between_lookup_and_allocation() {
+        shuttle::check_random(scenario_lease_dropped_on_another_thread, ITERATIONS);
+        shuttle::check_pct(scenario_lease_dropped_on_another_thread, ITERATIONS, 3);
+    }
+
+    #[test]
+    fn shuttle_hit_races_eviction() {
+        shuttle::check_random(scenario_hit_races_eviction, ITERATIONS);
+        shuttle::check_pct(scenario_hit_races_eviction, ITERATIONS, 3);
+    }
+}
