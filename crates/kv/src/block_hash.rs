@@ -1,19 +1,25 @@
 //! The chained block hash.
 //!
 //! ```text
-//!   root  = H(k_root,  len(fingerprint) ‖ fingerprint ‖ salt? ‖ len(salt) ‖ salt)
-//!   h[0]  = H(k_block, root   ‖ tokens[0 .. B])
-//!   h[i]  = H(k_block, h[i-1] ‖ tokens[i*B .. (i+1)*B])
+//!   root  = H(k_root,      len(fingerprint) ‖ fingerprint ‖ salt? ‖ len(salt) ‖ salt)
+//!   h[0]  = H(root   ‖ s,  tokens[0 .. B])
+//!   h[i]  = H(h[i-1] ‖ s,  tokens[i*B .. (i+1)*B])
 //! ```
 //!
-//! `H` is keyed BLAKE3 truncated to 128 bits; `k_root` and `k_block` are
-//! derived from a per-installation secret, so nobody without the secret can
-//! craft two prompts whose blocks collide. The extra keys (model fingerprint,
-//! cache salt) are folded in at the root, length-prefixed, so distinct
-//! `(salt, tokens)` pairs cannot collide by concatenation; a salt of `None`
-//! and a salt of `Some("")` are different roots. Only full blocks are hashed,
-//! and a chain always starts at position 0, so a hash also fixes the absolute
-//! positions of its tokens.
+//! `H(key, input)` is keyed BLAKE3 truncated to 128 bits. `k_root` and the
+//! 128-bit `s` are derived from a per-installation secret, so nobody without
+//! the secret can compute, let alone craft colliding, hashes. The extra keys
+//! (model fingerprint, cache salt) are folded in at the root, length-prefixed,
+//! so distinct `(salt, tokens)` pairs cannot collide by concatenation; a salt
+//! of `None` and a salt of `Some("")` are different roots. Only full blocks
+//! are hashed, and a chain always starts at position 0, so a hash also fixes
+//! the absolute positions of its tokens.
+//!
+//! NOTE: the parent hash goes into the *key*, not the input, so a block of
+//! 16 tokens (64 bytes) costs one BLAKE3 compression instead of two: the
+//! input `parent ‖ tokens` would be 80 bytes. Half of every key is the secret
+//! `s`, so a key stays unknown to anyone who sees stored hashes (the SSD
+//! tier's records carry them); the chain is a PRF cascade under that secret.
 //!
 //! NOTE: a hash match is never trusted alone. The pool also confirms every
 //! hit structurally (parent block and generation, exact tokens), so even a
@@ -74,7 +80,8 @@ impl ChainRoot {
 #[derive(Clone)]
 pub struct BlockHasher {
     root_key: [u8; 32],
-    block_key: [u8; 32],
+    /// The secret half of every block key.
+    block_secret: [u8; 16],
     block_size: usize,
     /// Identifies the key and block size without revealing the key, so the
     /// pool can refuse hashes made by another hasher.
@@ -109,15 +116,17 @@ impl BlockHasher {
             (1..=MAX_BLOCK_SIZE).contains(&block_size),
             "block size {block_size} out of range: validating it is the caller's job"
         );
-        // Separate derived keys give the root and the block inputs their own
+        // Separately derived secrets give the root and the blocks their own
         // domains, at no per-block cost.
         let root_key = *blake3::keyed_hash(&key.0, b"strata.kv.root.v1").as_bytes();
-        let block_key = *blake3::keyed_hash(&key.0, b"strata.kv.block.v1").as_bytes();
+        let mut block_secret = [0u8; 16];
+        block_secret
+            .copy_from_slice(&blake3::keyed_hash(&key.0, b"strata.kv.block.v1").as_bytes()[..16]);
         let id = blake3::keyed_hash(&key.0, &(block_size as u64).to_le_bytes());
         let fingerprint = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
         Self {
             root_key,
-            block_key,
+            block_secret,
             block_size,
             fingerprint,
         }
@@ -159,13 +168,14 @@ impl BlockHasher {
     /// callers slice them by `block_size`, so anything else is a bug.
     pub fn hash_block(&self, parent: BlockHash, tokens: &[TokenId]) -> BlockHash {
         assert_eq!(tokens.len(), self.block_size, "only full blocks are hashed");
-        let mut buf = [0u8; 16 + 4 * MAX_BLOCK_SIZE];
-        buf[..16].copy_from_slice(&parent.bits().to_le_bytes());
-        for (chunk, t) in buf[16..].chunks_exact_mut(4).zip(tokens) {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(&parent.bits().to_le_bytes());
+        key[16..].copy_from_slice(&self.block_secret);
+        let mut buf = [0u8; 4 * MAX_BLOCK_SIZE];
+        for (chunk, t) in buf.chunks_exact_mut(4).zip(tokens) {
             chunk.copy_from_slice(&t.get().to_le_bytes());
         }
-        let len = 16 + 4 * tokens.len();
-        truncate(blake3::keyed_hash(&self.block_key, &buf[..len]))
+        truncate(blake3::keyed_hash(&key, &buf[..4 * tokens.len()]))
     }
 
     /// Hashes of every full block of `tokens`, chained from `root`.
