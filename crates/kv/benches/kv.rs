@@ -13,6 +13,8 @@
 //!
 //! `cargo bench -p strata-kv` (add `-- --quick` for a fast pass).
 
+#![allow(clippy::unwrap_used, missing_docs)] // a bench aborts loudly on any error
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -238,6 +238,7 @@ impl PoolGuard<'_> {
 /// lookups and allocations. Run with
 /// `RUSTFLAGS="--cfg shuttle" cargo test -p strata-kv --lib shuttle`.
 #[cfg(all(test, shuttle))]
+#[allow(clippy::unwrap_used)]
 mod shuttle_tests {
     use shuttle::sync::atomic::{AtomicBool, Ordering};
     use shuttle::thread;

@@ -1,5 +1,8 @@
 //! Scenario tests of the KV core, one binary with a module per scenario.
 
+// A test fails loudly on any unexpected error; that is what unwrap is for here.
+#![allow(clippy::unwrap_used)]
+
 mod fixture;
 mod model_based;
 mod regression;

@@ -506,7 +506,7 @@ impl Model {
         }
         let bs = self.bs;
         let holder = self.holders[h].as_ref().unwrap();
-        if holder.tokens % bs == 0 {
+        if holder.tokens.is_multiple_of(bs) {
             return Outcome::Cow(None);
         }
         let pos = holder.tokens / bs;
