@@ -41,6 +41,12 @@ fn mlx_block_released_in_flight_is_not_reused_until_complete() {
     for &x in &a_blocks {
         assert_eq!(f.pool.block_state(x), BlockState::Free);
     }
+    let first = f.seq(&tokens(0..6)).hashes()[0];
+    assert_eq!(
+        f.pool.cached(first),
+        Some(a_blocks[0]),
+        "e1 completed: its full block is valid KV, published though A ended"
+    );
     f.pool.allocate(b, 2).unwrap();
     f.check();
 }
