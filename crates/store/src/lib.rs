@@ -1,12 +1,16 @@
 //! The bytes of the KV cache.
 //!
-//! This crate will own the arena that attention reads (f16, block-major:
-//! `[block][layer][K|V][kv_head][slot][head_dim]`, so one block is one
-//! contiguous range a tier can copy in one go), the host-RAM tier, the SSD
-//! tier (record format, checksums, recovery after a restart), and the
+//! This crate owns the arena that attention reads ([`Arena`]: f16,
+//! block-major, so one block is one contiguous range a tier can copy in one
+//! go) and, with issue 5/6, the host-RAM tier, the SSD tier and the
 //! execution of the transfer plans that `strata-kv` makes.
 //!
-//! It may depend on `strata-kv` only among Strata's crates. It decides no
-//! policy: which block goes where is `kv`'s plan; this crate moves bytes.
-//!
-//! Status: filled by issue 2/6 (the arena) and 5/6 (the tiers).
+//! It may depend on `strata-kv` only among Strata's crates, and re-exports
+//! the ids the model needs ([`BlockId`], [`TokenId`]) so that `strata-model`
+//! depends on `store` alone. It decides no policy: which block goes where is
+//! `kv`'s business; this crate moves bytes.
+
+mod arena;
+
+pub use arena::{Arena, ArenaError, ArenaLayout};
+pub use strata_kv::{BlockId, TokenId};
