@@ -26,3 +26,5 @@ pub fn root(hasher: &BlockHasher, salt: Option<&[u8]>) -> ChainRoot {
 pub fn tokens(ids: impl IntoIterator<Item = u32>) -> Vec<TokenId> {
     ids.into_iter().map(TokenId::new).collect()
 }
+
+pub mod tiny_model;

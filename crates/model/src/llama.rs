@@ -1,0 +1,386 @@
+//! The llama forward pass over a mixed batch of sequences.
+//!
+//! ```text
+//!   tokens of every sequence, flattened to rows
+//!   x = embed(tokens)
+//!   per layer:  h = rmsnorm(x); [q|k|v] = h Wqkv; rope(q, k) at each row's position
+//!               store k, v; a = attention(q); x += a Wo
+//!               h = rmsnorm(x); [g|u] = h Wgu; x += (silu(g) * u) Wdown
+//!   logits only for the last row of each sequence that asks for them
+//! ```
+//!
+//! Every step of it computes each row on its own (candle's quantized matmul
+//! quantizes and dots each activation row separately; norms, RoPE and
+//! attention are per row), so a row's logits do not depend on the rest of
+//! the batch.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use strata_store::{Arena, ArenaLayout, BlockId, TokenId};
+
+use crate::attention::{AttnShape, KvStore, PagedKv, Row};
+use crate::config::LlamaConfig;
+use crate::error::ModelError;
+use crate::weights::{Gguf, Linear, Weights, sha256_file};
+
+/// Version of the KV format (dtype, layout, RoPE application). Bump it when
+/// any of these change, so persisted KV of the old format is never reused.
+pub const KV_FORMAT_VERSION: u32 = 1;
+
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// The new tokens this step computes.
+    pub tokens: &'a [TokenId],
+    /// Absolute position of `tokens[0]`.
+    pub start: usize,
+    /// The sequence's blocks, covering positions `0 .. start + tokens.len()`.
+    pub block_table: &'a [BlockId],
+    /// Whether to return the logits of the last token.
+    pub logits: bool,
+}
+
+/// How to load a model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Threads for attention (match the matmul threads, see
+    /// [`crate::set_compute_threads`]).
+    pub threads: usize,
+    /// Requantize types whose kernels are scalar (Q4_1, Q5_0, Q5_1) to Q8_0
+    /// at load. On by default: prefill runs about 3x faster.
+    pub requantize: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            requantize: true,
+        }
+    }
+}
+
+/// A loaded llama-family model.
+pub struct LlamaModel {
+    config: LlamaConfig,
+    weights: Weights,
+    file_sha256: [u8; 32],
+    inv_freq: Vec<f32>,
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for LlamaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * r * g;
+    }
+}
+
+/// Runs `parts` (one fused matrix, or several) and lays their outputs side by
+/// side per row.
+fn project(parts: &[Linear], x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+    if let [one] = parts {
+        return one.forward(x, rows);
+    }
+    let width: usize = parts.iter().map(|p| p.out).sum();
+    let mut out = vec![0f32; rows * width];
+    let mut col = 0;
+    for p in parts {
+        let y = p.forward(x, rows)?;
+        for r in 0..rows {
+            out[r * width + col..r * width + col + p.out]
+                .copy_from_slice(&y[r * p.out..(r + 1) * p.out]);
+        }
+        col += p.out;
+    }
+    Ok(out)
+}
+
+impl LlamaModel {
+    /// Loads the weights of an opened GGUF file.
+    pub fn load(g: &mut Gguf, options: LoadOptions) -> Result<Self, ModelError> {
+        let threads = options.threads;
+        let config = LlamaConfig::from_gguf(g.content())?;
+        let weights = Weights::load(g, &config, options.requantize)?;
+        let file_sha256 = sha256_file(g.path())?;
+        let half = config.rope_dims / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f32 / config.rope_dims as f32)
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("strata-attn-{i}"))
+            .build()
+            .map_err(|e| ModelError::Compute(e.to_string()))?;
+        Ok(Self {
+            config,
+            weights,
+            file_sha256,
+            inv_freq,
+            pool,
+        })
+    }
+
+    /// Opens and loads a GGUF file.
+    pub fn open(path: &Path, options: LoadOptions) -> Result<Self, ModelError> {
+        Self::load(&mut Gguf::open(path)?, options)
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// SHA-256 of the weights file.
+    pub fn file_sha256(&self) -> [u8; 32] {
+        self.file_sha256
+    }
+
+    /// Tensors requantized at load (`name:from->to`).
+    pub fn requantized(&self) -> &[String] {
+        &self.weights.requantized
+    }
+
+    /// The arena layout for `num_blocks` blocks of `block_size` tokens.
+    pub fn arena_layout(&self, num_blocks: usize, block_size: usize) -> ArenaLayout {
+        ArenaLayout {
+            num_blocks,
+            layers: self.config.layers,
+            kv_heads: self.config.kv_heads,
+            block_size,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Everything that changes the KV bytes, for the KV core's extra keys:
+    /// the weights file's content hash, load-time requantization, RoPE
+    /// settings, KV dtype, block size and layout, and the format version.
+    pub fn fingerprint(&self, block_size: usize) -> Vec<u8> {
+        let c = &self.config;
+        let mut s = format!(
+            "strata-kv-format={KV_FORMAT_VERSION};weights-sha256={};requantized={};\
+             rope=theta:{},dims:{},pairing:{:?};kv-dtype=f16;block-size={block_size};\
+             layout=[block][layer][K|V][kv_head][slot][head_dim];layers={};kv-heads={};head-dim={}",
+            hex(&self.file_sha256),
+            self.weights.requantized.join(","),
+            c.rope_theta,
+            c.rope_dims,
+            c.rope_pairing,
+            c.layers,
+            c.kv_heads,
+            c.head_dim,
+        );
+        s.shrink_to_fit();
+        s.into_bytes()
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            heads: self.config.heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs one step over the paged arena. Returns the logits of each
+    /// sequence that asked for them, in batch order.
+    pub fn forward(
+        &self,
+        arena: &mut Arena,
+        batch: &[SeqInput<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let bs = arena.layout().block_size;
+        let l = arena.layout();
+        if l.layers != self.config.layers
+            || l.kv_heads != self.config.kv_heads
+            || l.head_dim != self.config.head_dim
+        {
+            return Err(ModelError::InvalidBatch(format!(
+                "arena layout {l:?} does not fit the model"
+            )));
+        }
+        for (i, s) in batch.iter().enumerate() {
+            let end = s.start + s.tokens.len();
+            if s.block_table.len() * bs < end {
+                return Err(ModelError::InvalidBatch(format!(
+                    "sequence {i}: {} blocks of {bs} cannot hold positions up to {end}",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(&b) = s.block_table.iter().find(|b| b.index() >= l.num_blocks) {
+                return Err(ModelError::InvalidBatch(format!(
+                    "sequence {i}: {b:?} is outside the arena"
+                )));
+            }
+        }
+        let tables = batch.iter().map(|s| s.block_table).collect();
+        let mut kv = PagedKv::new(arena, tables, self.attn_shape(), Some(&self.pool));
+        self.forward_with(batch, &mut kv)
+    }
+
+    /// The forward pass over any [`KvStore`] (the paged arena, or a test's
+    /// contiguous reference). Block tables in `batch` are not read here.
+    pub fn forward_with(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &mut dyn KvStore,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        for (seq, s) in batch.iter().enumerate() {
+            if s.start + s.tokens.len() > c.context_length {
+                return Err(ModelError::InvalidBatch(format!(
+                    "sequence {seq} reaches position {}, past the context length {}",
+                    s.start + s.tokens.len(),
+                    c.context_length
+                )));
+            }
+            for (i, t) in s.tokens.iter().enumerate() {
+                if t.get() as usize >= c.vocab {
+                    return Err(ModelError::InvalidBatch(format!(
+                        "token id {} is outside the vocabulary of {}",
+                        t.get(),
+                        c.vocab
+                    )));
+                }
+                rows.push(Row {
+                    seq,
+                    pos: s.start + i,
+                });
+                ids.push(t.get());
+            }
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok(batch
+                .iter()
+                .filter(|s| s.logits)
+                .map(|_| Vec::new())
+                .collect());
+        }
+        let (h, kvw) = (c.hidden, c.kv_heads * c.head_dim);
+        let ids_t = Tensor::from_vec(ids, n, &Device::Cpu)?;
+        let mut x = self
+            .weights
+            .embed
+            .embedding(&ids_t)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut normed = vec![0f32; n * h];
+        let mut attn = vec![0f32; n * h];
+        for (li, layer) in self.weights.layers.iter().enumerate() {
+            for r in 0..n {
+                rms_norm(
+                    &x[r * h..(r + 1) * h],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut normed[r * h..(r + 1) * h],
+                );
+            }
+            let mut qkv = project(&layer.qkv, &normed, n)?;
+            let w = h + 2 * kvw;
+            for (r, row) in rows.iter().enumerate() {
+                let (q, rest) = qkv[r * w..(r + 1) * w].split_at_mut(h);
+                let (k, v) = rest.split_at_mut(kvw);
+                self.rope(q, row.pos);
+                self.rope(k, row.pos);
+                kv.store(li, *row, k, v);
+            }
+            let q: Vec<f32> = (0..n)
+                .flat_map(|r| qkv[r * w..r * w + h].iter().copied())
+                .collect();
+            kv.attend(li, &rows, &q, &mut attn);
+            let o = layer.wo.forward(&attn, n)?;
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            for r in 0..n {
+                rms_norm(
+                    &x[r * h..(r + 1) * h],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut normed[r * h..(r + 1) * h],
+                );
+            }
+            let gu = project(&layer.gate_up, &normed, n)?;
+            let f = c.ffn;
+            let mut act = vec![0f32; n * f];
+            for r in 0..n {
+                let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
+                for ((a, gv), uv) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
+                    *a = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            }
+            let d = layer.down.forward(&act, n)?;
+            for (xv, dv) in x.iter_mut().zip(&d) {
+                *xv += dv;
+            }
+        }
+        // The last row of each sequence that wants logits.
+        let mut last_rows = Vec::new();
+        let mut r = 0;
+        for s in batch {
+            r += s.tokens.len();
+            if s.logits && !s.tokens.is_empty() {
+                last_rows.push(r - 1);
+            }
+        }
+        let mut hs = vec![0f32; last_rows.len() * h];
+        for (i, &r) in last_rows.iter().enumerate() {
+            rms_norm(
+                &x[r * h..(r + 1) * h],
+                &self.weights.output_norm,
+                c.rms_eps,
+                &mut hs[i * h..(i + 1) * h],
+            );
+        }
+        let logits = if last_rows.is_empty() {
+            Vec::new()
+        } else {
+            self.weights.output.forward(&hs, last_rows.len())?
+        };
+        let mut out = Vec::new();
+        let mut it = logits.chunks_exact(c.vocab);
+        for s in batch.iter().filter(|s| s.logits) {
+            out.push(if s.tokens.is_empty() {
+                Vec::new()
+            } else {
+                it.next().map(<[f32]>::to_vec).unwrap_or_default()
+            });
+        }
+        Ok(out)
+    }
+
+    /// Interleaved RoPE at `pos` over every head in `x`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let hd = self.config.head_dim;
+        let p = pos as f32;
+        let cs: Vec<(f32, f32)> = self.inv_freq.iter().map(|f| (p * f).sin_cos()).collect();
+        for head in x.chunks_exact_mut(hd) {
+            for (i, &(sin, cos)) in cs.iter().enumerate() {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos - b * sin;
+                head[2 * i + 1] = a * sin + b * cos;
+            }
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,333 @@
+//! Loading a GGUF file's weights: typed checks, load-time requantization
+//! and fused projections.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module};
+use sha2::{Digest, Sha256};
+
+use crate::config::LlamaConfig;
+use crate::error::ModelError;
+
+/// An opened GGUF file: its metadata and tensor directory, and a reader.
+pub struct Gguf {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl std::fmt::Debug for Gguf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gguf")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Gguf {
+    /// Opens and parses the header of a GGUF file.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let file = File::open(path).map_err(io(path))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| ModelError::BadGguf {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// The parsed metadata and tensor directory.
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        check_dtype(name, info.ggml_dtype)?;
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::BadGguf {
+                path: self.path.display().to_string(),
+                reason: format!("tensor {name}: {e}"),
+            })
+    }
+}
+
+fn check_dtype(name: &str, dtype: GgmlDType) -> Result<(), ModelError> {
+    use GgmlDType::*;
+    match dtype {
+        F32 | F16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K => Ok(()),
+        other => Err(ModelError::UnsupportedTensorType {
+            tensor: name.into(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// SHA-256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], ModelError> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// Whether a weight type is requantized to Q8_0 at load.
+///
+/// NOTE: candle's vector-dot kernels for Q4_1, Q5_0 and Q5_1 are scalar on
+/// every CPU; its Q8_0 kernel uses AVX2/NEON. Requantizing these to Q8_0
+/// made prefill about 3x faster (shared/peers.md), at +70% weight memory.
+pub fn requantized_type(dtype: GgmlDType) -> Option<GgmlDType> {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(GgmlDType::Q8_0),
+        _ => None,
+    }
+}
+
+/// A linear layer `y = x W^T` over quantized weights, possibly the fusion of
+/// several (Q, K and V; gate and up) into one matmul.
+pub(crate) struct Linear {
+    mm: QMatMul,
+    /// Output width.
+    pub(crate) out: usize,
+    /// Input width.
+    pub(crate) input: usize,
+}
+
+impl Linear {
+    /// `rows` rows of `x` (`rows * input` values) times the weights.
+    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        debug_assert_eq!(x.len(), rows * self.input);
+        let t = candle_core::Tensor::from_slice(x, (rows, self.input), &Device::Cpu)?;
+        let y = self.mm.forward(&t)?;
+        Ok(y.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Loads `names` (each `rows_i x input`) as one linear layer. Weights whose
+/// type is requantized are fused into one Q8_0 matrix; any other type keeps
+/// its own encoding, so several parts are fused only when that is lossless.
+fn load_linear(
+    g: &mut Gguf,
+    names: &[String],
+    rows: &[usize],
+    input: usize,
+    requantize: bool,
+    requantized: &mut Vec<String>,
+) -> Result<Vec<Linear>, ModelError> {
+    let target = |d: GgmlDType| {
+        if requantize {
+            requantized_type(d)
+        } else {
+            None
+        }
+    };
+    let mut parts = Vec::with_capacity(names.len());
+    for (name, &r) in names.iter().zip(rows) {
+        let t = g.tensor(name)?;
+        let dims = t.shape().dims().to_vec();
+        if dims != [r, input] {
+            return Err(ModelError::ShapeMismatch {
+                tensor: name.clone(),
+                expected: vec![r, input],
+                actual: dims,
+            });
+        }
+        parts.push(t);
+    }
+    let fusable = parts
+        .iter()
+        .all(|t| target(t.dtype()).is_some() || t.dtype() == GgmlDType::Q8_0);
+    if fusable {
+        let mut dense = Vec::with_capacity(parts.len());
+        for (t, name) in parts.iter().zip(names) {
+            if target(t.dtype()).is_some() {
+                requantized.push(format!("{name}:{:?}->Q8_0", t.dtype()));
+            }
+            dense.push(t.dequantize(&Device::Cpu)?);
+        }
+        let all = candle_core::Tensor::cat(&dense, 0)?;
+        let q = QTensor::quantize(&all, GgmlDType::Q8_0)?;
+        let out = rows.iter().sum();
+        return Ok(vec![Linear {
+            mm: QMatMul::from_qtensor(q)?,
+            out,
+            input,
+        }]);
+    }
+    parts
+        .into_iter()
+        .zip(rows)
+        .map(|(t, &out)| {
+            Ok(Linear {
+                mm: QMatMul::from_qtensor(t)?,
+                out,
+                input,
+            })
+        })
+        .collect()
+}
+
+/// One transformer layer's weights.
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    /// Q, K and V, fused when lossless (then one part of width q+k+v).
+    pub(crate) qkv: Vec<Linear>,
+    pub(crate) wo: Linear,
+    pub(crate) ffn_norm: Vec<f32>,
+    /// Gate and up, fused when lossless.
+    pub(crate) gate_up: Vec<Linear>,
+    pub(crate) down: Linear,
+}
+
+/// All weights of a llama model.
+pub(crate) struct Weights {
+    pub(crate) embed: Arc<QTensor>,
+    pub(crate) output: Linear,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    /// What was requantized at load, for the fingerprint and the logs.
+    pub(crate) requantized: Vec<String>,
+}
+
+fn vector(g: &mut Gguf, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let t = g.tensor(name)?;
+    let v = t
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if v.len() != len {
+        return Err(ModelError::ShapeMismatch {
+            tensor: name.into(),
+            expected: vec![len],
+            actual: t.shape().dims().to_vec(),
+        });
+    }
+    Ok(v)
+}
+
+impl Weights {
+    pub(crate) fn load(
+        g: &mut Gguf,
+        c: &LlamaConfig,
+        requantize: bool,
+    ) -> Result<Self, ModelError> {
+        let mut requantized = Vec::new();
+        let (h, kvw, f) = (c.hidden, c.kv_heads * c.head_dim, c.ffn);
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let qkv = load_linear(
+                g,
+                &[n("attn_q"), n("attn_k"), n("attn_v")],
+                &[h, kvw, kvw],
+                h,
+                requantize,
+                &mut requantized,
+            )?;
+            let wo = load_linear(
+                g,
+                &[n("attn_output")],
+                &[h],
+                h,
+                requantize,
+                &mut requantized,
+            )?
+            .remove(0);
+            let gate_up = load_linear(
+                g,
+                &[n("ffn_gate"), n("ffn_up")],
+                &[f, f],
+                h,
+                requantize,
+                &mut requantized,
+            )?;
+            let down =
+                load_linear(g, &[n("ffn_down")], &[h], f, requantize, &mut requantized)?.remove(0);
+            layers.push(Layer {
+                attn_norm: vector(g, &n("attn_norm"), h)?,
+                qkv,
+                wo,
+                ffn_norm: vector(g, &n("ffn_norm"), h)?,
+                gate_up,
+                down,
+            });
+        }
+        let embed = g.tensor("token_embd.weight")?;
+        let dims = embed.shape().dims().to_vec();
+        if dims != [c.vocab, h] {
+            return Err(ModelError::ShapeMismatch {
+                tensor: "token_embd.weight".into(),
+                expected: vec![c.vocab, h],
+                actual: dims,
+            });
+        }
+        let embed = Arc::new(embed);
+        let output = if c.tied_embeddings {
+            if let Some(to) = requantized_type(embed.dtype()).filter(|_| requantize) {
+                requantized.push(format!("output(tied):{:?}->{to:?}", embed.dtype()));
+                let q = QTensor::quantize(&embed.dequantize(&Device::Cpu)?, to)?;
+                Linear {
+                    mm: QMatMul::from_qtensor(q)?,
+                    out: c.vocab,
+                    input: h,
+                }
+            } else {
+                Linear {
+                    mm: QMatMul::from_arc(embed.clone())?,
+                    out: c.vocab,
+                    input: h,
+                }
+            }
+        } else {
+            load_linear(
+                g,
+                &["output.weight".into()],
+                &[c.vocab],
+                h,
+                requantize,
+                &mut requantized,
+            )?
+            .remove(0)
+        };
+        Ok(Self {
+            embed,
+            output,
+            output_norm: vector(g, "output_norm.weight", h)?,
+            layers,
+            requantized,
+        })
+    }
+}
