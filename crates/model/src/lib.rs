@@ -7,17 +7,21 @@
 //! [`set_compute_threads`] and [`LoadOptions::threads`].
 
 mod attention;
+mod chat_template;
 mod config;
 pub mod default_model;
 mod error;
 mod llama;
+mod sampling;
 mod tokenizer;
 mod weights;
 
 pub use attention::{AttnShape, KvStore, PagedKv, Row};
+pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;
 pub use llama::{KV_FORMAT_VERSION, LlamaModel, LoadOptions, SeqInput};
+pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{Detokenizer, Tokenizer};
 pub use weights::{Gguf, requantized_type, sha256_file};
 

@@ -363,3 +363,10 @@ impl Detokenizer<'_> {
         s
     }
 }
+
+impl Tokenizer {
+    /// Whether `text` contains any special-token string.
+    pub fn contains_special(&self, text: &str) -> bool {
+        self.specials.iter().any(|(s, _)| text.contains(s.as_str()))
+    }
+}

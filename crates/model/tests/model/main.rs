@@ -5,6 +5,8 @@
 // A test fails loudly on any unexpected error; that is what unwrap is for here.
 #![allow(clippy::unwrap_used)]
 
+mod golden;
 mod paged;
 mod real_model;
 mod reference;
+mod tokenizer;

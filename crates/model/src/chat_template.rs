@@ -1,0 +1,186 @@
+//! Chat templates: the model's Jinja template (`tokenizer.chat_template`, or
+//! a file the user names) rendered with minijinja, with the usual Hugging
+//! Face variables.
+//!
+//! User text never becomes special tokens. Each message's content is
+//! rendered as a private-use sentinel; the rendered text is split at the
+//! sentinels, the template's own text is tokenized with special tokens
+//! recognised, and each content is tokenized as plain text.
+
+use minijinja::{Environment, Error, ErrorKind, context};
+use strata_store::TokenId;
+
+use crate::error::ModelError;
+use crate::tokenizer::Tokenizer;
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, ...
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+const OPEN: char = '\u{F8F0}';
+const CLOSE: char = '\u{F8F1}';
+
+fn sentinel(i: usize) -> String {
+    format!("{OPEN}{i}{CLOSE}")
+}
+
+impl ChatTemplate {
+    /// Compiles `source`. `bos` and `eos` are the strings the template sees
+    /// as `bos_token` and `eos_token`.
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, ModelError> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+            Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the template raised: {msg}"),
+            ))
+        });
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ModelError::Template(format!("cannot parse: {e:#}")))?;
+        Ok(Self {
+            env,
+            bos: bos.into(),
+            eos: eos.into(),
+        })
+    }
+
+    /// The template a GGUF file carries, if any.
+    pub fn from_gguf(
+        c: &candle_core::quantized::gguf_file::Content,
+        tok: &Tokenizer,
+    ) -> Result<Option<Self>, ModelError> {
+        let Ok(source) = crate::config::meta_str(c, "tokenizer.chat_template") else {
+            return Ok(None);
+        };
+        let text = |t: Option<TokenId>| {
+            t.map(|t| String::from_utf8_lossy(tok.token_bytes(t)).into_owned())
+                .unwrap_or_default()
+        };
+        Self::new(source, &text(tok.bos()), &text(tok.eos().first().copied())).map(Some)
+    }
+
+    /// Renders the template as text.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|m| context! { role => &m.role, content => &m.content })
+            .collect();
+        self.render_values(msgs, add_generation_prompt)
+    }
+
+    fn render_values(
+        &self,
+        msgs: Vec<minijinja::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        t.render(context! {
+            messages => msgs,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos,
+            eos_token => &self.eos,
+        })
+        .map_err(|e| ModelError::Template(format!("cannot render: {e:#}")))
+    }
+
+    /// Renders and tokenizes a conversation: the template's markers become
+    /// special tokens, message contents stay plain text.
+    pub fn apply(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<TokenId>, ModelError> {
+        let placeholders: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| context! { role => &m.role, content => sentinel(i) })
+            .collect();
+        let rendered = self.render_values(placeholders, add_generation_prompt)?;
+        match split_at_sentinels(&rendered, messages.len()) {
+            Some(pieces) => {
+                let mut out = Vec::new();
+                for piece in pieces {
+                    match piece {
+                        Piece::Template(t) => out.extend(tok.encode_with_specials(t)?),
+                        Piece::Content(i) => out.extend(tok.encode(&messages[i].content)?),
+                    }
+                }
+                Ok(out)
+            }
+            // The template rewrote the contents (sliced or filtered them):
+            // render them for real, which is safe only if no content holds a
+            // special-token string.
+            None => {
+                if messages.iter().any(|m| tok.contains_special(&m.content)) {
+                    return Err(ModelError::Template(
+                        "this template rewrites message content, and a message contains a special-token string; refusing to tokenize it as a special token".into(),
+                    ));
+                }
+                tok.encode_with_specials(&self.render(messages, add_generation_prompt)?)
+            }
+        }
+    }
+}
+
+enum Piece<'a> {
+    Template(&'a str),
+    Content(usize),
+}
+
+/// Splits rendered text at the sentinels, if each appears exactly once, in
+/// order, and nothing else looks like one.
+fn split_at_sentinels(s: &str, n: usize) -> Option<Vec<Piece<'_>>> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    let mut next = 0;
+    while let Some(at) = rest.find(OPEN) {
+        let end = rest[at..].find(CLOSE)? + at;
+        let i: usize = rest[at + OPEN.len_utf8()..end].parse().ok()?;
+        if i != next {
+            return None;
+        }
+        out.push(Piece::Template(&rest[..at]));
+        out.push(Piece::Content(i));
+        next += 1;
+        rest = &rest[end + CLOSE.len_utf8()..];
+    }
+    out.push(Piece::Template(rest));
+    (next == n).then_some(out)
+}
