@@ -52,7 +52,7 @@ fn main() {
         &mut Gguf::open(&path).unwrap(),
         LoadOptions {
             threads,
-            requantize: true,
+            requantize: std::env::var_os("STRATA_REQUANTIZE").is_some(),
         },
     )
     .unwrap();

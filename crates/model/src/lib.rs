@@ -12,6 +12,7 @@ mod config;
 pub mod default_model;
 mod error;
 mod llama;
+mod q4_1;
 mod sampling;
 mod tokenizer;
 mod weights;

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
+use crate::q4_1::Q41Matrix;
 
 /// An opened GGUF file: its metadata and tensor directory, and a reader.
 pub struct Gguf {
@@ -107,11 +108,13 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32], ModelError> {
 /// Whether a weight type is requantized to Q8_0 at load.
 ///
 /// NOTE: candle's vector-dot kernels for Q4_1, Q5_0 and Q5_1 are scalar on
-/// every CPU; its Q8_0 kernel uses AVX2/NEON. Requantizing these to Q8_0
-/// made prefill about 3x faster (shared/peers.md), at +70% weight memory.
-pub fn requantized_type(dtype: GgmlDType) -> Option<GgmlDType> {
+/// every CPU; its Q8_0 kernel uses AVX2/NEON. Q4_1 runs on our own kernel
+/// (`q4_1.rs`) unless `requantize_q4_1` asks for candle's Q8_0 path; Q5_0
+/// and Q5_1 are always requantized.
+pub fn requantized_type(dtype: GgmlDType, requantize_q4_1: bool) -> Option<GgmlDType> {
     match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(GgmlDType::Q8_0),
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => Some(GgmlDType::Q8_0),
+        GgmlDType::Q4_1 if requantize_q4_1 => Some(GgmlDType::Q8_0),
         _ => None,
     }
 }
@@ -119,20 +122,43 @@ pub fn requantized_type(dtype: GgmlDType) -> Option<GgmlDType> {
 /// A linear layer `y = x W^T` over quantized weights, possibly the fusion of
 /// several (Q, K and V; gate and up) into one matmul.
 pub(crate) struct Linear {
-    mm: QMatMul,
+    kernel: Kernel,
     /// Output width.
     pub(crate) out: usize,
     /// Input width.
     pub(crate) input: usize,
 }
 
+enum Kernel {
+    Candle(QMatMul),
+    Q41(Q41Matrix),
+}
+
 impl Linear {
     /// `rows` rows of `x` (`rows * input` values) times the weights.
-    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        pool: &rayon::ThreadPool,
+    ) -> Result<Vec<f32>, ModelError> {
         debug_assert_eq!(x.len(), rows * self.input);
-        let t = candle_core::Tensor::from_slice(x, (rows, self.input), &Device::Cpu)?;
-        let y = self.mm.forward(&t)?;
-        Ok(y.flatten_all()?.to_vec1::<f32>()?)
+        match &self.kernel {
+            Kernel::Q41(m) => Ok(m.matmul(x, rows, pool)),
+            Kernel::Candle(mm) => {
+                let t = candle_core::Tensor::from_slice(x, (rows, self.input), &Device::Cpu)?;
+                Ok(mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    /// Bytes of weights this layer reads per matmul.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        match &self.kernel {
+            Kernel::Q41(m) => m.bytes(),
+            Kernel::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
+            Kernel::Candle(_) => self.out * self.input * 4,
+        }
     }
 }
 
@@ -147,13 +173,7 @@ fn load_linear(
     requantize: bool,
     requantized: &mut Vec<String>,
 ) -> Result<Vec<Linear>, ModelError> {
-    let target = |d: GgmlDType| {
-        if requantize {
-            requantized_type(d)
-        } else {
-            None
-        }
-    };
+    let target = |d: GgmlDType| requantized_type(d, requantize);
     let mut parts = Vec::with_capacity(names.len());
     for (name, &r) in names.iter().zip(rows) {
         let t = g.tensor(name)?;
@@ -166,6 +186,16 @@ fn load_linear(
             });
         }
         parts.push(t);
+    }
+    let out: usize = rows.iter().sum();
+    // Q4_1 rows concatenate losslessly, block for block.
+    if !requantize && parts.iter().all(|t| t.dtype() == GgmlDType::Q4_1) {
+        let mut bytes = Vec::new();
+        for t in &parts {
+            bytes.extend_from_slice(&t.data()?);
+        }
+        let kernel = Kernel::Q41(Q41Matrix::from_ggml(&bytes, out, input)?);
+        return Ok(vec![Linear { kernel, out, input }]);
     }
     let fusable = parts
         .iter()
@@ -180,9 +210,8 @@ fn load_linear(
         }
         let all = candle_core::Tensor::cat(&dense, 0)?;
         let q = QTensor::quantize(&all, GgmlDType::Q8_0)?;
-        let out = rows.iter().sum();
         return Ok(vec![Linear {
-            mm: QMatMul::from_qtensor(q)?,
+            kernel: Kernel::Candle(QMatMul::from_qtensor(q)?),
             out,
             input,
         }]);
@@ -192,7 +221,7 @@ fn load_linear(
         .zip(rows)
         .map(|(t, &out)| {
             Ok(Linear {
-                mm: QMatMul::from_qtensor(t)?,
+                kernel: Kernel::Candle(QMatMul::from_qtensor(t)?),
                 out,
                 input,
             })
@@ -296,17 +325,17 @@ impl Weights {
         }
         let embed = Arc::new(embed);
         let output = if c.tied_embeddings {
-            if let Some(to) = requantized_type(embed.dtype()).filter(|_| requantize) {
+            if let Some(to) = requantized_type(embed.dtype(), true) {
                 requantized.push(format!("output(tied):{:?}->{to:?}", embed.dtype()));
                 let q = QTensor::quantize(&embed.dequantize(&Device::Cpu)?, to)?;
                 Linear {
-                    mm: QMatMul::from_qtensor(q)?,
+                    kernel: Kernel::Candle(QMatMul::from_qtensor(q)?),
                     out: c.vocab,
                     input: h,
                 }
             } else {
                 Linear {
-                    mm: QMatMul::from_arc(embed.clone())?,
+                    kernel: Kernel::Candle(QMatMul::from_arc(embed.clone())?),
                     out: c.vocab,
                     input: h,
                 }

@@ -60,7 +60,7 @@ fn real_model_greedy_answers_match_the_golden_files() {
         &mut g,
         LoadOptions {
             threads: 2,
-            requantize: true,
+            requantize: false,
         },
     )
     .unwrap();

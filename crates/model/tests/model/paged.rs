@@ -19,7 +19,7 @@ pub(crate) fn tiny(seed: u64) -> LlamaModel {
         &mut Gguf::open(&path).unwrap(),
         LoadOptions {
             threads: 2,
-            requantize: true,
+            requantize: false,
         },
     )
     .unwrap()
