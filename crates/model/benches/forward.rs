@@ -68,6 +68,10 @@ fn main() {
     };
     let tables: Vec<Vec<BlockId>> = (0..16).map(table).collect();
     println!("threads {threads}, runs {runs} (medians)");
+    println!(
+        "weights read per decode step: {:.1} MiB",
+        model.weight_bytes() as f64 / 1048576.0
+    );
     println!("FIGURE peak RSS after load (no arena yet): {load_rss:.1} MiB");
 
     // Prefill of 512 tokens.

@@ -196,7 +196,7 @@ impl LlamaModel {
     /// settings, KV dtype, block size and layout, and the format version.
     pub fn fingerprint(&self, block_size: usize) -> Vec<u8> {
         let c = &self.config;
-        let mut s = format!(
+        let s = format!(
             "strata-kv-format={KV_FORMAT_VERSION};weights-sha256={};requantized={};\
              rope=theta:{},dims:{},pairing:{:?};kv-dtype=f16;block-size={block_size};\
              layout=[block][layer][K|V][kv_head][slot][head_dim];layers={};kv-heads={};head-dim={}",
@@ -209,7 +209,6 @@ impl LlamaModel {
             c.kv_heads,
             c.head_dim,
         );
-        s.shrink_to_fit();
         s.into_bytes()
     }
 
@@ -309,6 +308,7 @@ impl LlamaModel {
             .embedding(&ids_t)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let rope: Vec<Vec<(f32, f32)>> = rows.iter().map(|r| self.rope_table(r.pos)).collect();
         let mut normed = vec![0f32; n * h];
         let mut attn = vec![0f32; n * h];
         for (li, layer) in self.weights.layers.iter().enumerate() {
@@ -325,8 +325,8 @@ impl LlamaModel {
             for (r, row) in rows.iter().enumerate() {
                 let (q, rest) = qkv[r * w..(r + 1) * w].split_at_mut(h);
                 let (k, v) = rest.split_at_mut(kvw);
-                self.rope(q, row.pos);
-                self.rope(k, row.pos);
+                self.rope(q, &rope[r]);
+                self.rope(k, &rope[r]);
                 kv.store(li, *row, k, v);
             }
             let q: Vec<f32> = (0..n)
@@ -396,11 +396,16 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// Interleaved RoPE at `pos` over every head in `x`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
-        let hd = self.config.head_dim;
+    /// The (sin, cos) pairs RoPE needs at `pos`, computed once per row and
+    /// step and shared by Q, K and every layer.
+    fn rope_table(&self, pos: usize) -> Vec<(f32, f32)> {
         let p = pos as f32;
-        let cs: Vec<(f32, f32)> = self.inv_freq.iter().map(|f| (p * f).sin_cos()).collect();
+        self.inv_freq.iter().map(|f| (p * f).sin_cos()).collect()
+    }
+
+    /// Interleaved RoPE over every head in `x`, with `cs` from [`Self::rope_table`].
+    fn rope(&self, x: &mut [f32], cs: &[(f32, f32)]) {
+        let hd = self.config.head_dim;
         for head in x.chunks_exact_mut(hd) {
             for (i, &(sin, cos)) in cs.iter().enumerate() {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);

@@ -159,7 +159,8 @@ impl Sampler {
 
     /// Temperature, top-k, top-p, min-p, then a draw.
     fn draw(&mut self, l: &[f32]) -> usize {
-        let p = self.params.clone();
+        // Disjoint borrows: the parameters are read while the generator draws.
+        let Self { params: p, rng, .. } = self;
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Candidates by descending probability. Sorting the whole vocabulary
         // costs a millisecond; most requests need only the head.
@@ -202,7 +203,7 @@ impl Sampler {
         };
         let kept = &idx[..keep.max(1)];
         let mass: f32 = kept.iter().map(|&i| probs[i as usize]).sum();
-        let mut r = self.rng.random::<f32>() * mass;
+        let mut r = rng.random::<f32>() * mass;
         for &i in kept {
             r -= probs[i as usize];
             if r <= 0.0 {
