@@ -3,17 +3,19 @@
 //!
 //! ```text
 //!   row r of sequence s at position p, KV head g (query heads g*G .. g*G+G):
-//!     for each block j <= p / B of s's block table:
-//!       K run of (block, layer, g): [slot][head_dim], converted once to f32,
-//!       dotted with the G query heads that share it
-//!     softmax over positions 0..=p, then the same walk over V
+//!     positions 0..=p cut into spans of SPAN (fixed: they depend on p only)
+//!     one task per (row, g, span):
+//!       for each block of the span (via s's block table):
+//!         K run of (block, layer, g): [slot][head_dim], f16 -> f32 once,
+//!         dotted with the G query heads that share it
+//!       span max, exp, sum, and the weighted sum of the span's V rows
+//!     merge the spans in order: out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i
 //! ```
 //!
-//! Each (row, KV head) is computed on its own, in a fixed order, so a row's
-//! output is bit-identical whatever else shares the batch.
+//! Spans let one long row (decode at depth) use every core; because they
+//! are cut by position, never by batch, each row's output is bit-identical
+//! whatever else shares the batch.
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use strata_store::{Arena, BlockId};
 
@@ -74,6 +76,19 @@ impl<'a> PagedKv<'a> {
     }
 }
 
+/// Positions per attention task. Fixed, so a row's order of float operations
+/// depends only on its own position, never on the batch.
+pub const SPAN: usize = 256;
+
+/// One task: `row` over positions `lo..hi` of KV head `kv_head`.
+#[derive(Clone, Copy)]
+struct Task {
+    row: u32,
+    kv_head: u32,
+    lo: u32,
+    hi: u32,
+}
+
 impl KvStore for PagedKv<'_> {
     fn store(&mut self, layer: usize, row: Row, k: &[f32], v: &[f32]) {
         let bs = self.arena.layout().block_size;
@@ -85,123 +100,203 @@ impl KvStore for PagedKv<'_> {
         let AttnShape {
             heads,
             kv_heads,
-            head_dim,
+            head_dim: hd,
         } = self.shape;
         let group = heads / kv_heads;
-        let width = heads * head_dim;
-        // One task per (row, KV head): it writes the G heads of that group.
-        let chunk = group * head_dim;
-        let run = |(i, o): (usize, &mut [f32])| {
-            let (r, g) = (i / kv_heads, i % kv_heads);
-            let row = rows[r];
+        let width = heads * hd;
+        let chunk = group * hd;
+        // Tasks in (row, KV head, span) order; `first[i]` is the first task of
+        // output chunk i = row * kv_heads + kv_head.
+        let mut tasks = Vec::new();
+        let mut first = Vec::with_capacity(rows.len() * kv_heads + 1);
+        for (r, row) in rows.iter().enumerate() {
+            let n = row.pos + 1;
+            for g in 0..kv_heads {
+                first.push(tasks.len());
+                for lo in (0..n).step_by(SPAN) {
+                    tasks.push(Task {
+                        row: r as u32,
+                        kv_head: g as u32,
+                        lo: lo as u32,
+                        hi: (lo + SPAN).min(n) as u32,
+                    });
+                }
+            }
+        }
+        first.push(tasks.len());
+        // Per task: G maxima, G sums, then G unnormalized outputs.
+        let part = group * (hd + 2);
+        let mut parts = vec![0f32; tasks.len() * part];
+        let run = |(t, p): (&Task, &mut [f32])| {
+            let r = t.row as usize;
+            let g = t.kv_head as usize;
             let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
-            attend_group(
+            attend_paged_span(
                 self.arena,
-                self.tables[row.seq],
+                self.tables[rows[r].seq],
                 layer,
                 g,
-                row.pos,
+                t.lo as usize..t.hi as usize,
                 qg,
                 group,
-                head_dim,
-                o,
+                hd,
+                p,
             );
         };
+        let merge = |parts: &[f32], (i, o): (usize, &mut [f32])| {
+            merge_spans(&parts[first[i] * part..first[i + 1] * part], group, hd, o);
+        };
         match self.pool {
-            Some(pool) => pool.install(|| out.par_chunks_mut(chunk).enumerate().for_each(run)),
-            None => out.chunks_mut(chunk).enumerate().for_each(run),
+            Some(pool) => pool.install(|| {
+                tasks
+                    .par_iter()
+                    .zip(parts.par_chunks_mut(part))
+                    .with_max_len(1)
+                    .for_each(run);
+                let parts = &parts;
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|x| merge(parts, x));
+            }),
+            None => {
+                tasks.iter().zip(parts.chunks_mut(part)).for_each(run);
+                out.chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|x| merge(&parts, x));
+            }
         }
     }
 }
 
-/// Attention of `group` query heads (`q`, head after head) over positions
-/// `0..=pos` of one KV head, written to `out`.
-#[allow(clippy::too_many_arguments)]
-fn attend_group(
-    arena: &Arena,
-    table: &[BlockId],
-    layer: usize,
-    kv_head: usize,
-    pos: usize,
-    q: &[f32],
-    group: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features this copy is compiled for.
-        return unsafe { attend_group_avx2(arena, table, layer, kv_head, pos, q, group, hd, out) };
-    }
-    attend_group_body(arena, table, layer, kv_head, pos, q, group, hd, out)
-}
-
-/// The same code compiled for AVX2+FMA, so its loops vectorize 8-wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx2(
-    arena: &Arena,
-    table: &[BlockId],
-    layer: usize,
-    kv_head: usize,
-    pos: usize,
-    q: &[f32],
-    group: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    attend_group_body(arena, table, layer, kv_head, pos, q, group, hd, out)
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent lanes, summed in a fixed order: vectorizes, and the
-    // result does not depend on anything but the two inputs.
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+/// Combines a row's span results (from [`attend_span`], in span order) into
+/// its G heads' outputs.
+pub fn merge_spans(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+    let part = group * (hd + 2);
+    for h in 0..group {
+        let max = parts
+            .chunks_exact(part)
+            .map(|p| p[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        let mut sum = 0f32;
+        for p in parts.chunks_exact(part) {
+            let w = (p[h] - max).exp();
+            sum += w * p[group + h];
+            let po = &p[2 * group + h * hd..2 * group + (h + 1) * hd];
+            for (x, y) in o.iter_mut().zip(po) {
+                *x += w * y;
+            }
+        }
+        let inv = 1.0 / sum;
+        for x in o.iter_mut() {
+            *x *= inv;
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
 }
 
-#[inline(always)]
+/// The paged side of one task: gathers the span's K and V rows of one KV
+/// head from the blocks (f16 to f32) and runs [`attend_span`] on them.
 #[allow(clippy::too_many_arguments)]
-fn attend_group_body(
+fn attend_paged_span(
     arena: &Arena,
     table: &[BlockId],
     layer: usize,
     kv_head: usize,
-    pos: usize,
+    span: std::ops::Range<usize>,
     q: &[f32],
     group: usize,
     hd: usize,
-    out: &mut [f32],
+    part: &mut [f32],
 ) {
     let bs = arena.layout().block_size;
-    let n = pos + 1;
+    let n = span.len();
+    let mut k = vec![0f32; n * hd];
+    let mut v = vec![0f32; n * hd];
+    let first = span.start / bs;
+    for (j, &block) in (first..).zip(&table[first..span.end.div_ceil(bs)]) {
+        let s0 = span.start.max(j * bs) - j * bs;
+        let s1 = span.end.min((j + 1) * bs) - j * bs;
+        let at = (j * bs + s0 - span.start) * hd;
+        let len = (s1 - s0) * hd;
+        widen(
+            &arena.k(block, layer, kv_head)[s0 * hd..s1 * hd],
+            &mut k[at..at + len],
+        );
+        widen(
+            &arena.v(block, layer, kv_head)[s0 * hd..s1 * hd],
+            &mut v[at..at + len],
+        );
+    }
+    attend_span(q, &k, &v, hd, group, hd, part);
+}
+
+/// f16 to f32.
+fn widen(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has the features.
+        unsafe { avx2::widen(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// Attention of `group` query heads (`q`, head after head, `hd` each) over
+/// one span of positions of their KV head: row `s` of K is
+/// `k[s * stride..s * stride + hd]`, likewise for V. Writes the G maxima of
+/// the scaled scores, the G sums of their exponentials and the G
+/// unnormalized outputs to `part` (`group * (hd + 2)` values), for
+/// [`merge_spans`].
+///
+/// Public so that a test's reference store runs the same float operations
+/// in the same order, and differs only in where K and V live.
+pub fn attend_span(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    group: usize,
+    hd: usize,
+    part: &mut [f32],
+) {
+    let n = if k.is_empty() {
+        0
+    } else {
+        (k.len() - hd) / stride + 1
+    };
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0f32; group * n];
-    let mut buf = vec![0f32; bs * hd];
-    for (j, &block) in table[..n.div_ceil(bs)].iter().enumerate() {
-        let slots = (n - j * bs).min(bs);
-        to_f32(
-            &arena.k(block, layer, kv_head)[..slots * hd],
-            &mut buf[..slots * hd],
-        );
-        for s in 0..slots {
-            let k = &buf[s * hd..(s + 1) * hd];
+    let (stats, o) = part.split_at_mut(2 * group);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && hd.is_multiple_of(8)
+    {
+        // SAFETY: the CPU has the features, and hd is a multiple of 8.
+        unsafe {
+            avx2::scores(k, stride, q, group, hd, scale, &mut scores, n);
             for h in 0..group {
-                scores[h * n + j * bs + s] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
+                let sc = &mut scores[h * n..(h + 1) * n];
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                stats[h] = max;
+                stats[group + h] = avx2::exp_sum(sc, max);
             }
+            avx2::weighted_sum(v, stride, &scores, n, group, hd, o);
+        }
+        return;
+    }
+    for s in 0..n {
+        let kr = &k[s * stride..s * stride + hd];
+        for h in 0..group {
+            let d: f32 = q[h * hd..(h + 1) * hd]
+                .iter()
+                .zip(kr)
+                .map(|(a, b)| a * b)
+                .sum();
+            scores[h * n + s] = d * scale;
         }
     }
     for h in 0..group {
@@ -212,31 +307,219 @@ fn attend_group_body(
             *x = (*x - max).exp();
             sum += *x;
         }
-        let inv = 1.0 / sum;
-        for x in sc.iter_mut() {
-            *x *= inv;
-        }
+        stats[h] = max;
+        stats[group + h] = sum;
     }
-    out.fill(0.0);
-    for (j, &block) in table[..n.div_ceil(bs)].iter().enumerate() {
-        let slots = (n - j * bs).min(bs);
-        to_f32(
-            &arena.v(block, layer, kv_head)[..slots * hd],
-            &mut buf[..slots * hd],
-        );
-        for s in 0..slots {
-            let v = &buf[s * hd..(s + 1) * hd];
-            for h in 0..group {
-                let w = scores[h * n + j * bs + s];
-                for (o, x) in out[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-                    *o += w * x;
-                }
+    o.fill(0.0);
+    for s in 0..n {
+        let vr = &v[s * stride..s * stride + hd];
+        for h in 0..group {
+            let w = scores[h * n + s];
+            for (x, y) in o[h * hd..(h + 1) * hd].iter_mut().zip(vr) {
+                *x += w * y;
             }
         }
     }
 }
 
-#[inline(always)]
-fn to_f32(src: &[f16], dst: &mut [f32]) {
-    src.convert_to_f32_slice(dst);
+/// SiLU-gated product, `a = g * sigmoid(g) * u`, for the FFN.
+pub(crate) fn swiglu(g: &[f32], u: &[f32], a: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features.
+        unsafe { avx2::swiglu(g, u, a) };
+        return;
+    }
+    for ((a, gv), uv) in a.iter_mut().zip(g).zip(u) {
+        *a = gv / (1.0 + (-gv).exp()) * uv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// f16 to f32, eight at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn widen(src: &[f16], dst: &mut [f32]) {
+        let mut s8 = src.chunks_exact(8);
+        let mut d8 = dst.chunks_exact_mut(8);
+        for (s, d) in (&mut s8).zip(&mut d8) {
+            // SAFETY: 8 readable f16 and 8 writable f32.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast());
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for (s, d) in s8.remainder().iter().zip(d8.into_remainder()) {
+            *d = s.to_f32();
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// `e^x` for each lane (Cephes' single-precision polynomial; relative
+    /// error about 2e-7 over the range softmax uses).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
+        let fx = _mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        );
+        let fx = _mm256_floor_ps(fx);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(x, x),
+            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+        );
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+    }
+
+    /// Scaled scores of the K rows (at `stride`) against the G query heads,
+    /// into `scores[h * n + s]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scores(
+        k: &[f32],
+        stride: usize,
+        q: &[f32],
+        group: usize,
+        hd: usize,
+        scale: f32,
+        scores: &mut [f32],
+        n: usize,
+    ) {
+        for s in 0..n {
+            let kr = &k[s * stride..s * stride + hd];
+            for h in 0..group {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let mut acc = _mm256_setzero_ps();
+                for (a, b) in qh.chunks_exact(8).zip(kr.chunks_exact(8)) {
+                    // SAFETY: 8 readable floats each.
+                    unsafe {
+                        acc = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(a.as_ptr()),
+                            _mm256_loadu_ps(b.as_ptr()),
+                            acc,
+                        );
+                    }
+                }
+                scores[h * n + s] = hsum(acc) * scale;
+            }
+        }
+    }
+
+    /// `x = exp(x - max)` in place, eight lanes at a time; returns the sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn exp_sum(x: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: 8 readable and writable floats.
+            unsafe {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        let mut sum = hsum(acc);
+        for v in chunks.into_remainder() {
+            let mut lane = [0f32; 8];
+            lane[0] = *v - max;
+            // SAFETY: 8 readable and writable floats.
+            unsafe {
+                let e = exp(_mm256_loadu_ps(lane.as_ptr()));
+                _mm256_storeu_ps(lane.as_mut_ptr(), e);
+            }
+            *v = lane[0];
+            sum += lane[0];
+        }
+        sum
+    }
+
+    /// `o[h] = sum_s scores[h * n + s] * v[s]` over the V rows (at `stride`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn weighted_sum(
+        v: &[f32],
+        stride: usize,
+        scores: &[f32],
+        n: usize,
+        group: usize,
+        hd: usize,
+        o: &mut [f32],
+    ) {
+        o.fill(0.0);
+        for s in 0..n {
+            let vr = &v[s * stride..s * stride + hd];
+            for h in 0..group {
+                let w = _mm256_set1_ps(scores[h * n + s]);
+                for (x, y) in o[h * hd..(h + 1) * hd]
+                    .chunks_exact_mut(8)
+                    .zip(vr.chunks_exact(8))
+                {
+                    // SAFETY: 8 readable (and writable) floats each.
+                    unsafe {
+                        let r = _mm256_fmadd_ps(
+                            w,
+                            _mm256_loadu_ps(y.as_ptr()),
+                            _mm256_loadu_ps(x.as_ptr()),
+                        );
+                        _mm256_storeu_ps(x.as_mut_ptr(), r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `a = g / (1 + e^-g) * u`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn swiglu(g: &[f32], u: &[f32], a: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let n8 = a.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= len of each slice.
+            unsafe {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(
+                    a.as_mut_ptr().add(i),
+                    _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+                );
+            }
+        }
+        for i in n8..a.len() {
+            a[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+        }
+    }
 }

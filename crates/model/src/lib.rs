@@ -12,12 +12,12 @@ mod config;
 pub mod default_model;
 mod error;
 mod llama;
-mod q4_1;
+mod quant;
 mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use attention::{AttnShape, KvStore, PagedKv, Row};
+pub use attention::{AttnShape, KvStore, PagedKv, Row, SPAN, attend_span, merge_spans};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;

@@ -16,7 +16,6 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
 use strata_store::{Arena, ArenaLayout, BlockId, TokenId};
 
 use crate::attention::{AttnShape, KvStore, PagedKv, Row};
@@ -301,13 +300,7 @@ impl LlamaModel {
                 .collect());
         }
         let (h, kvw) = (c.hidden, c.kv_heads * c.head_dim);
-        let ids_t = Tensor::from_vec(ids, n, &Device::Cpu)?;
-        let mut x = self
-            .weights
-            .embed
-            .embedding(&ids_t)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = self.weights.embed.rows(&ids)?;
         let rope: Vec<Vec<(f32, f32)>> = rows.iter().map(|r| self.rope_table(r.pos)).collect();
         let mut normed = vec![0f32; n * h];
         let mut attn = vec![0f32; n * h];
@@ -350,9 +343,7 @@ impl LlamaModel {
             let mut act = vec![0f32; n * f];
             for r in 0..n {
                 let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
-                for ((a, gv), uv) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
-                    *a = gv / (1.0 + (-gv).exp()) * uv;
-                }
+                crate::attention::swiglu(g, u, &mut act[r * f..(r + 1) * f]);
             }
             let d = layer.down.forward(&act, n, &self.pool)?;
             for (xv, dv) in x.iter_mut().zip(&d) {

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::q4_1::Q41Matrix;
+use crate::quant::{Q41Matrix, Q80Matrix};
 
 /// An opened GGUF file: its metadata and tensor directory, and a reader.
 pub struct Gguf {
@@ -109,7 +109,7 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32], ModelError> {
 ///
 /// NOTE: candle's vector-dot kernels for Q4_1, Q5_0 and Q5_1 are scalar on
 /// every CPU; its Q8_0 kernel uses AVX2/NEON. Q4_1 runs on our own kernel
-/// (`q4_1.rs`) unless `requantize_q4_1` asks for candle's Q8_0 path; Q5_0
+/// (`quant.rs`) unless `requantize_q4_1` asks for candle's Q8_0 path; Q5_0
 /// and Q5_1 are always requantized.
 pub fn requantized_type(dtype: GgmlDType, requantize_q4_1: bool) -> Option<GgmlDType> {
     match dtype {
@@ -120,7 +120,9 @@ pub fn requantized_type(dtype: GgmlDType, requantize_q4_1: bool) -> Option<GgmlD
 }
 
 /// A linear layer `y = x W^T` over quantized weights, possibly the fusion of
-/// several (Q, K and V; gate and up) into one matmul.
+/// several (Q, K and V; gate and up) into one matmul. Clones share the
+/// weights (the tied output layer is the embedding's matrix).
+#[derive(Clone)]
 pub(crate) struct Linear {
     kernel: Kernel,
     /// Output width.
@@ -129,9 +131,11 @@ pub(crate) struct Linear {
     pub(crate) input: usize,
 }
 
+#[derive(Clone)]
 enum Kernel {
     Candle(QMatMul),
-    Q41(Q41Matrix),
+    Q41(Arc<Q41Matrix>),
+    Q80(Arc<Q80Matrix>),
 }
 
 impl Linear {
@@ -145,6 +149,7 @@ impl Linear {
         debug_assert_eq!(x.len(), rows * self.input);
         match &self.kernel {
             Kernel::Q41(m) => Ok(m.matmul(x, rows, pool)),
+            Kernel::Q80(m) => Ok(m.matmul(x, rows, pool)),
             Kernel::Candle(mm) => {
                 let t = candle_core::Tensor::from_slice(x, (rows, self.input), &Device::Cpu)?;
                 Ok(mm.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
@@ -152,14 +157,46 @@ impl Linear {
         }
     }
 
+    /// Rows `ids` of the weight matrix as floats (`ids.len() x input`): the
+    /// embedding lookup.
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut out = vec![0f32; ids.len() * self.input];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.input)) {
+            match &self.kernel {
+                Kernel::Q41(m) => m.dequantize_row(id as usize, o),
+                Kernel::Q80(m) => m.dequantize_row(id as usize, o),
+                Kernel::Candle(QMatMul::QTensor(t)) => {
+                    let ids = candle_core::Tensor::new(&[id], &Device::Cpu)?;
+                    let row = t.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+                    o.copy_from_slice(&row);
+                }
+                Kernel::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                    let row = t.get(id as usize)?.to_dtype(candle_core::DType::F32)?;
+                    o.copy_from_slice(&row.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of weights this layer reads per matmul.
     pub(crate) fn weight_bytes(&self) -> usize {
         match &self.kernel {
             Kernel::Q41(m) => m.bytes(),
+            Kernel::Q80(m) => m.bytes(),
             Kernel::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
             Kernel::Candle(_) => self.out * self.input * 4,
         }
     }
+}
+
+/// Our own kernel for the formats it has (Q4_1, Q8_0), candle's otherwise.
+fn kernel_for(t: Arc<QTensor>, rows: usize, cols: usize) -> Result<Kernel, ModelError> {
+    Ok(match t.dtype() {
+        GgmlDType::Q4_1 => Kernel::Q41(Arc::new(Q41Matrix::from_ggml(&t.data()?, rows, cols)?)),
+        GgmlDType::Q8_0 => Kernel::Q80(Arc::new(Q80Matrix::from_ggml(&t.data()?, rows, cols)?)),
+        _ => Kernel::Candle(QMatMul::from_arc(t)?),
+    })
 }
 
 /// Loads `names` (each `rows_i x input`) as one linear layer. Weights whose
@@ -194,7 +231,7 @@ fn load_linear(
         for t in &parts {
             bytes.extend_from_slice(&t.data()?);
         }
-        let kernel = Kernel::Q41(Q41Matrix::from_ggml(&bytes, out, input)?);
+        let kernel = Kernel::Q41(Arc::new(Q41Matrix::from_ggml(&bytes, out, input)?));
         return Ok(vec![Linear { kernel, out, input }]);
     }
     let fusable = parts
@@ -211,7 +248,7 @@ fn load_linear(
         let all = candle_core::Tensor::cat(&dense, 0)?;
         let q = QTensor::quantize(&all, GgmlDType::Q8_0)?;
         return Ok(vec![Linear {
-            kernel: Kernel::Candle(QMatMul::from_qtensor(q)?),
+            kernel: kernel_for(Arc::new(q), out, input)?,
             out,
             input,
         }]);
@@ -221,7 +258,7 @@ fn load_linear(
         .zip(rows)
         .map(|(t, &out)| {
             Ok(Linear {
-                kernel: Kernel::Candle(QMatMul::from_qtensor(t)?),
+                kernel: kernel_for(Arc::new(t), out, input)?,
                 out,
                 input,
             })
@@ -243,7 +280,8 @@ pub(crate) struct Layer {
 
 /// All weights of a llama model.
 pub(crate) struct Weights {
-    pub(crate) embed: Arc<QTensor>,
+    /// The token embedding, as a matrix of `vocab` rows.
+    pub(crate) embed: Linear,
     pub(crate) output: Linear,
     pub(crate) output_norm: Vec<f32>,
     pub(crate) layers: Vec<Layer>,
@@ -323,22 +361,24 @@ impl Weights {
                 actual: dims,
             });
         }
-        let embed = Arc::new(embed);
+        let dtype = embed.dtype();
+        let embed_q = Arc::new(embed);
+        let embed = Linear {
+            kernel: kernel_for(embed_q.clone(), c.vocab, h)?,
+            out: c.vocab,
+            input: h,
+        };
         let output = if c.tied_embeddings {
-            if let Some(to) = requantized_type(embed.dtype(), true) {
-                requantized.push(format!("output(tied):{:?}->{to:?}", embed.dtype()));
-                let q = QTensor::quantize(&embed.dequantize(&Device::Cpu)?, to)?;
+            if let Some(to) = requantized_type(dtype, true) {
+                requantized.push(format!("output(tied):{dtype:?}->{to:?}"));
+                let q = QTensor::quantize(&embed_q.dequantize(&Device::Cpu)?, to)?;
                 Linear {
-                    kernel: Kernel::Candle(QMatMul::from_qtensor(q)?),
+                    kernel: kernel_for(Arc::new(q), c.vocab, h)?,
                     out: c.vocab,
                     input: h,
                 }
             } else {
-                Linear {
-                    kernel: Kernel::Candle(QMatMul::from_arc(embed.clone())?),
-                    out: c.vocab,
-                    input: h,
-                }
+                embed.clone()
             }
         } else {
             load_linear(

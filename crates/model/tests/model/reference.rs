@@ -1,16 +1,17 @@
 //! A straightforward contiguous reference for the KV store: each sequence
 //! keeps its K and V in plain vectors (rounded through f16 like the arena,
-//! or kept in f32), and attention is computed head by head with no paging
-//! and no GQA sharing of reads.
+//! or kept in f32), indexed by position, with no blocks, block tables or
+//! gathering.
 //!
-//! NOTE: the dot product and the softmax use the same order of float
-//! operations as the paged kernel. The model quantizes activations to 8 bits
-//! before every matmul, so any reordering of a sum flips some roundings and
-//! moves logits by a few thousandths; with the same order, what differs is
-//! only where K and V live, which is what this reference checks.
+//! NOTE: the attention math itself is the crate's own `attend_span` and
+//! `merge_spans` over the same spans. The model quantizes activations to 8
+//! bits before every matmul, so any reordering of a sum flips some roundings
+//! and moves logits by a few thousandths; with the same math, what differs
+//! is only where K and V live and how they are found, which is what this
+//! reference checks.
 
 use half::f16;
-use strata_model::{AttnShape, KvStore, Row};
+use strata_model::{AttnShape, KvStore, Row, SPAN, attend_span, merge_spans};
 
 pub(crate) struct ContiguousKv {
     shape: AttnShape,
@@ -58,53 +59,29 @@ impl KvStore for ContiguousKv {
             head_dim: hd,
         } = self.shape;
         let kw = kv_heads * hd;
+        let group = heads / kv_heads;
+        let part = group * (hd + 2);
         for (r, row) in rows.iter().enumerate() {
             let (ks, vs) = (&self.k[row.seq][layer], &self.v[row.seq][layer]);
-            for h in 0..heads {
-                let g = h / (heads / kv_heads);
-                let qh = &q[r * heads * hd + h * hd..r * heads * hd + (h + 1) * hd];
-                let scores: Vec<f32> = (0..=row.pos)
-                    .map(|t| {
-                        let kt = &ks[t * kw + g * hd..t * kw + (g + 1) * hd];
-                        dot(qh, kt) * (1.0 / (hd as f32).sqrt())
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f32 = exps.iter().sum();
-                let inv = 1.0 / sum;
-                for e in &mut exps {
-                    *e *= inv;
+            let n = row.pos + 1;
+            for g in 0..kv_heads {
+                let at = r * heads * hd + g * group * hd;
+                let qg = &q[at..at + group * hd];
+                // The same spans as the paged store, read straight from the
+                // contiguous rows (stride: all KV heads of a position).
+                let mut parts = Vec::new();
+                for lo in (0..n).step_by(SPAN) {
+                    let hi = (lo + SPAN).min(n);
+                    let mut p = vec![0f32; part];
+                    let (k, v) = (
+                        &ks[lo * kw + g * hd..(hi - 1) * kw + (g + 1) * hd],
+                        &vs[lo * kw + g * hd..(hi - 1) * kw + (g + 1) * hd],
+                    );
+                    attend_span(qg, k, v, kw, group, hd, &mut p);
+                    parts.extend_from_slice(&p);
                 }
-                let o = &mut out[r * heads * hd + h * hd..r * heads * hd + (h + 1) * hd];
-                o.fill(0.0);
-                for (t, e) in exps.iter().enumerate() {
-                    let vt = &vs[t * kw + g * hd..t * kw + (g + 1) * hd];
-                    for (x, y) in o.iter_mut().zip(vt) {
-                        *x += e * y;
-                    }
-                }
+                merge_spans(&parts, group, hd, &mut out[at..at + group * hd]);
             }
         }
     }
-}
-
-/// Eight lanes summed pairwise, as the paged kernel does.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in a
-        .chunks_exact(8)
-        .remainder()
-        .iter()
-        .zip(b.chunks_exact(8).remainder())
-    {
-        s += x * y;
-    }
-    s
 }
