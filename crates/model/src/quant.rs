@@ -9,104 +9,215 @@
 //! competes with ours for the cores.
 //!
 //! ```text
-//!   Q4_1:  w = d_w * q_w + m_w   (q_w in 0..15)     Q8_0:  w = d_w * q_w  (q_w in -127..127)
+//!   Q4_1:  w = d_w * q_w + m_w   (q_w in 0..15)     Q8_0:  w = d_w * q_w  (q_w in -128..127)
 //!   act:   a = d_a * q_a         (q_a in -127..127, s_a = d_a * sum(q_a))
-//!   dot = d_w * d_a * sum(q_w * q_a) [+ m_w * s_a for Q4_1]
+//!   per (weight row, activation row), over the blocks k in order:
+//!     acc  = fma(isum_k as f32, d_w,k * d_a,k, acc)      isum_k = sum(q_w * q_a), exact
+//!     macc = fma(m_w,k, s_a,k, macc)                     (Q4_1 only)
+//!   dot = acc + macc
 //! ```
 //!
-//! Every (row, column) dot runs the same sequence of operations whether the
-//! row is computed alone or in a tile of four, and whichever task computes
-//! it, so results do not depend on the batch.
+//! Weights are stored in groups of 8 rows, block by block (`[group][k]`:
+//! the 8 rows' scales together, then their quants), the same bytes as the
+//! file's. The kernel computes 8 weight rows against 1 to 4 activation rows
+//! at a time: the 8 integer dots of one block reduce into one vector whose
+//! lane i is weight row i, so the scaling is one vector `fma` for 8 pairs.
+//! Every (row, column) runs the arithmetic above in its own lane whatever
+//! the tile, so results do not depend on the batch, and the scalar fallback
+//! gives the same bits.
 
-use half::f16;
 use rayon::prelude::*;
 
 use crate::error::ModelError;
 
 const QK: usize = 32;
+/// Weight rows per group.
+const G: usize = 8;
 
-/// One block of 32 weights, in GGML's Q4_1 layout: element `j` in the low
-/// nibble of `qs[j]`, element `j + 16` in its high nibble.
+/// One block in a canonical form: `w = d * q + m` (f16 bits for d and m).
 #[derive(Clone, Copy)]
-#[repr(C)]
-pub(crate) struct BlockQ41 {
+pub(crate) struct Canon {
     d: u16,
     m: u16,
-    qs: [u8; 16],
+    q: [i8; QK],
+    /// Q4_1 quants are 0..15 and do not fit the sign trick; kept apart.
+    nib: [u8; QK],
 }
 
-/// One block of 32 weights in GGML's Q8_0 layout.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub(crate) struct BlockQ80 {
-    d: u16,
-    qs: [i8; QK],
+/// A weight format the kernels read.
+pub(crate) trait Format: Send + Sync + 'static {
+    /// GGML's name for the format, for errors.
+    const NAME: &'static str;
+    /// Bytes per block of 32 in the GGUF.
+    const BYTES: usize;
+    /// Whether blocks carry a min (`m_w * s_a` term).
+    const HAS_MIN: bool;
+    /// Eight rows' block `k`, packed.
+    type Group: Copy + Send + Sync + 'static;
+    /// Parses one block from its GGUF bytes (`BYTES` long).
+    fn parse(b: &[u8]) -> Canon;
+    /// Packs the same block of eight rows.
+    fn pack(rows: &[Canon; G]) -> Self::Group;
+    /// Row `i` of a packed group.
+    fn unpack(g: &Self::Group, i: usize) -> Canon;
+
+    /// The 8 rows' scales and mins as floats.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn scales(g: &Self::Group) -> (Ymm, Ymm);
+    /// Row `i`'s 32 weights as unsigned bytes for `maddubs`, and what the
+    /// activations' signs must be multiplied by.
+    ///
+    /// # Safety
+    /// As for `scales`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn weights(g: &Self::Group, i: usize) -> (Ymmi, Ymmi);
+    /// Activations with the signs of the weights moved onto them.
+    ///
+    /// # Safety
+    /// As for `scales`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn signed(sign: Ymmi, a: Ymmi) -> Ymmi;
 }
 
 #[cfg(target_arch = "x86_64")]
-use avx2::Simd as SimdBlock;
+use std::arch::x86_64::{__m256 as Ymm, __m256i as Ymmi};
 
-/// Elsewhere there is only the scalar kernel.
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait SimdBlock {}
-#[cfg(not(target_arch = "x86_64"))]
-impl<T> SimdBlock for T {}
-
-/// A block format the kernels can read.
-pub(crate) trait WeightBlock: SimdBlock + Copy + Send + Sync + 'static {
-    /// GGML's name for the format, for errors.
-    const NAME: &'static str;
-    /// Bytes per block in the GGUF.
-    const BYTES: usize;
-    /// Parses one block from its GGUF bytes (`BYTES` long).
-    fn parse(b: &[u8]) -> Self;
-    /// The block's 32 weights as `(q, d, m)` with `w = d * q + m`.
-    fn scalar(&self) -> ([i32; QK], f32, f32);
-    /// The block's 32 weights as floats.
-    fn dequantize(&self, out: &mut [f32]) {
-        let (q, d, m) = self.scalar();
-        for (o, q) in out.iter_mut().zip(q) {
-            *o = d * q as f32 + m;
+/// The SIMD trait methods, each a call into `avx2` with the same features
+/// (so everything inlines into the kernel).
+macro_rules! simd_methods {
+    ($scales:ident, $weights:ident, $signed:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn scales(g: &Self::Group) -> (Ymm, Ymm) {
+            // SAFETY: the caller's guarantee.
+            unsafe { avx2::$scales(g) }
         }
-    }
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn weights(g: &Self::Group, i: usize) -> (Ymmi, Ymmi) {
+            // SAFETY: the caller's guarantee.
+            unsafe { avx2::$weights(g, i) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn signed(sign: Ymmi, a: Ymmi) -> Ymmi {
+            // SAFETY: the caller's guarantee.
+            unsafe { avx2::$signed(sign, a) }
+        }
+    };
 }
 
-impl WeightBlock for BlockQ41 {
+/// Q4_1: per block an f16 scale and min, 32 nibbles (element `j` in the low
+/// nibble of byte `j`, element `j + 16` in its high nibble).
+pub(crate) struct Q41;
+
+/// Eight Q4_1 blocks: 160 bytes, like eight of the file's.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct GroupQ41 {
+    d: [u16; G],
+    m: [u16; G],
+    qs: [[u8; 16]; G],
+}
+
+impl Format for Q41 {
     const NAME: &'static str = "Q4_1";
     const BYTES: usize = 20;
-    fn parse(b: &[u8]) -> Self {
-        Self {
+    const HAS_MIN: bool = true;
+    type Group = GroupQ41;
+    fn parse(b: &[u8]) -> Canon {
+        let mut nib = [0u8; QK];
+        for j in 0..16 {
+            nib[j] = b[4 + j] & 0x0F;
+            nib[j + 16] = b[4 + j] >> 4;
+        }
+        Canon {
             d: u16::from_le_bytes([b[0], b[1]]),
             m: u16::from_le_bytes([b[2], b[3]]),
-            qs: b[4..20].try_into().expect("16 bytes"),
+            q: [0; QK],
+            nib,
         }
     }
-    fn scalar(&self) -> ([i32; QK], f32, f32) {
-        let mut q = [0; QK];
-        for j in 0..16 {
-            q[j] = (self.qs[j] & 0x0F) as i32;
-            q[j + 16] = (self.qs[j] >> 4) as i32;
+    fn pack(rows: &[Canon; G]) -> GroupQ41 {
+        GroupQ41 {
+            d: rows.map(|c| c.d),
+            m: rows.map(|c| c.m),
+            qs: rows.map(|c| std::array::from_fn(|j| c.nib[j] | (c.nib[j + 16] << 4))),
         }
-        let f = |b| f16::from_bits(b).to_f32();
-        (q, f(self.d), f(self.m))
+    }
+    simd_methods!(q41_scales, q41_weights, unsigned);
+    fn unpack(g: &GroupQ41, i: usize) -> Canon {
+        let mut nib = [0u8; QK];
+        for j in 0..16 {
+            nib[j] = g.qs[i][j] & 0x0F;
+            nib[j + 16] = g.qs[i][j] >> 4;
+        }
+        Canon {
+            d: g.d[i],
+            m: g.m[i],
+            q: [0; QK],
+            nib,
+        }
     }
 }
 
-impl WeightBlock for BlockQ80 {
+/// Q8_0: per block an f16 scale and 32 signed bytes.
+pub(crate) struct Q80;
+
+/// Eight Q8_0 blocks: 272 bytes, like eight of the file's.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct GroupQ80 {
+    d: [u16; G],
+    qs: [[i8; QK]; G],
+}
+
+impl Format for Q80 {
     const NAME: &'static str = "Q8_0";
     const BYTES: usize = 34;
-    fn parse(b: &[u8]) -> Self {
-        let mut qs = [0i8; QK];
-        for (q, &x) in qs.iter_mut().zip(&b[2..34]) {
-            *q = x as i8;
-        }
-        Self {
+    const HAS_MIN: bool = false;
+    type Group = GroupQ80;
+    fn parse(b: &[u8]) -> Canon {
+        Canon {
             d: u16::from_le_bytes([b[0], b[1]]),
-            qs,
+            m: 0,
+            q: std::array::from_fn(|j| b[2 + j] as i8),
+            nib: [0; QK],
         }
     }
-    fn scalar(&self) -> ([i32; QK], f32, f32) {
-        (self.qs.map(i32::from), f16::from_bits(self.d).to_f32(), 0.0)
+    fn pack(rows: &[Canon; G]) -> GroupQ80 {
+        GroupQ80 {
+            d: rows.map(|c| c.d),
+            qs: rows.map(|c| c.q),
+        }
+    }
+    simd_methods!(q80_scales, q80_weights, sign);
+    fn unpack(g: &GroupQ80, i: usize) -> Canon {
+        Canon {
+            d: g.d[i],
+            m: 0,
+            q: g.qs[i],
+            nib: [0; QK],
+        }
+    }
+}
+
+impl Canon {
+    /// The 32 quants as integers.
+    fn ints(&self) -> [i32; QK] {
+        std::array::from_fn(|j| self.q[j] as i32 + self.nib[j] as i32)
+    }
+    fn d(&self) -> f32 {
+        half::f16::from_bits(self.d).to_f32()
+    }
+    fn m(&self) -> f32 {
+        half::f16::from_bits(self.m).to_f32()
     }
 }
 
@@ -125,17 +236,19 @@ const ZERO_ACT: ActBlock = ActBlock {
     qs: [0; QK],
 };
 
-/// A quantized weight matrix, `rows x cols`, row-major by blocks.
-pub(crate) struct QMatrix<B> {
+/// A quantized weight matrix, `rows x cols`, in groups of 8 rows (the last
+/// group padded with zero rows).
+pub(crate) struct QMatrix<F: Format> {
     rows: usize,
     cols: usize,
-    blocks: Vec<B>,
+    /// `[group][k]`.
+    groups: Vec<F::Group>,
 }
 
 /// A Q4_1 matrix.
-pub(crate) type Q41Matrix = QMatrix<BlockQ41>;
+pub(crate) type Q41Matrix = QMatrix<Q41>;
 /// A Q8_0 matrix.
-pub(crate) type Q80Matrix = QMatrix<BlockQ80>;
+pub(crate) type Q80Matrix = QMatrix<Q80>;
 
 /// The output pointer shared by the tasks of one matmul; each task writes
 /// only its own columns.
@@ -156,33 +269,55 @@ impl OutPtr {
     }
 }
 
-impl<B: WeightBlock> QMatrix<B> {
+impl<F: Format> QMatrix<F> {
     /// Wraps GGML bytes of a `rows x cols` matrix.
     pub(crate) fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Result<Self, ModelError> {
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * B::BYTES {
+        if rows == 0 || !cols.is_multiple_of(QK) || bytes.len() != rows * cols / QK * F::BYTES {
             return Err(ModelError::InvalidConfig(format!(
                 "{} data of {} bytes does not fit {rows}x{cols}",
-                B::NAME,
+                F::NAME,
                 bytes.len()
             )));
         }
-        let blocks = bytes.chunks_exact(B::BYTES).map(B::parse).collect();
-        Ok(Self { rows, cols, blocks })
+        let kb = cols / QK;
+        let zero = Canon {
+            d: 0,
+            m: 0,
+            q: [0; QK],
+            nib: [0; QK],
+        };
+        let block = |r: usize, k: usize| {
+            if r < rows {
+                let at = (r * kb + k) * F::BYTES;
+                F::parse(&bytes[at..at + F::BYTES])
+            } else {
+                zero
+            }
+        };
+        let mut groups = Vec::with_capacity(rows.div_ceil(G) * kb);
+        for g in 0..rows.div_ceil(G) {
+            for k in 0..kb {
+                groups.push(F::pack(&std::array::from_fn(|i| block(g * G + i, k))));
+            }
+        }
+        Ok(Self { rows, cols, groups })
     }
 
-    /// Bytes of weights.
+    /// Bytes of weights (the file's, without the padding rows).
     pub(crate) fn bytes(&self) -> usize {
-        self.blocks.len() * B::BYTES
+        self.rows * self.cols / QK * F::BYTES
     }
 
     /// Row `r` of the matrix as floats (an embedding lookup).
     pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let kb = self.cols / QK;
-        for (b, o) in self.blocks[r * kb..(r + 1) * kb]
-            .iter()
-            .zip(out.chunks_exact_mut(QK))
-        {
-            b.dequantize(o);
+        let groups = &self.groups[(r / G) * kb..(r / G + 1) * kb];
+        for (g, o) in groups.iter().zip(out.chunks_exact_mut(QK)) {
+            let c = F::unpack(g, r % G);
+            let (d, m) = (c.d(), c.m());
+            for (o, q) in o.iter_mut().zip(c.ints()) {
+                *o = d * q as f32 + m;
+            }
         }
     }
 
@@ -203,31 +338,37 @@ impl<B: WeightBlock> QMatrix<B> {
                 .zip(acts.chunks_exact_mut(kb))
                 .for_each(quantize);
         }
-        // Each task owns a run of output columns for every row.
-        let cols_per_task = if m == 1 { 64 } else { 16 };
+        // Each task owns a run of weight groups (output columns) for every
+        // row; decode rows get longer runs, the work per group being small.
+        let groups_per_task = if m == 1 { 8 } else { 2 };
         let mut out = vec![0f32; m * self.rows];
         let ptr = OutPtr(out.as_mut_ptr());
         let n = self.rows;
+        let ngroups = n.div_ceil(G);
         let kernel = |task: usize| {
-            let first = task * cols_per_task;
-            let last = (first + cols_per_task).min(n);
-            let mut tile = [0f32; 4];
-            // Row tiles outside, columns inside: a tile's activations and the
-            // task's weight rows both stay in L1 across the loop.
+            let g0 = task * groups_per_task;
+            let g1 = (g0 + groups_per_task).min(ngroups);
+            let mut tile = [[0f32; G]; 4];
+            // Row tiles outside, groups inside: a tile's activations and the
+            // task's weights both stay in L1 across the loop.
             for r in (0..m).step_by(4) {
                 let rn = (m - r).min(4);
-                for c in first..last {
-                    let w = &self.blocks[c * kb..(c + 1) * kb];
-                    dot_rows(w, &acts[r * kb..(r + rn) * kb], kb, &mut tile[..rn]);
-                    for (i, &v) in tile[..rn].iter().enumerate() {
-                        // SAFETY: `(r + i) * n + c` is inside `out` (r + i < m,
-                        // c < n), and column `c` belongs to this task alone.
-                        unsafe { ptr.write((r + i) * n + c, v) };
+                for g in g0..g1 {
+                    let w = &self.groups[g * kb..(g + 1) * kb];
+                    dot_tile::<F>(w, &acts[r * kb..(r + rn) * kb], kb, &mut tile[..rn]);
+                    let cols = (n - g * G).min(G);
+                    for (i, t) in tile[..rn].iter().enumerate() {
+                        for (j, &v) in t[..cols].iter().enumerate() {
+                            // SAFETY: `(r + i) * n + g * G + j` is inside `out`
+                            // (r + i < m, g * G + j < n), and column g * G + j
+                            // belongs to this task alone.
+                            unsafe { ptr.write((r + i) * n + g * G + j, v) };
+                        }
                     }
                 }
             }
         };
-        let tasks = n.div_ceil(cols_per_task);
+        let tasks = ngroups.div_ceil(groups_per_task);
         pool.install(|| (0..tasks).into_par_iter().for_each(kernel));
         out
     }
@@ -267,186 +408,165 @@ fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// Dots one weight row with every activation row: `out[r]` for row `r`.
-fn dot_rows<B: WeightBlock>(w: &[B], acts: &[ActBlock], kb: usize, out: &mut [f32]) {
+/// Dots one group of 8 weight rows with 1 to 4 activation rows:
+/// `out[r][i]` for activation row `r` and weight row `i`.
+fn dot_tile<F: Format>(w: &[F::Group], acts: &[ActBlock], kb: usize, out: &mut [[f32; G]]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { avx2::dot_rows(w, acts, kb, out) };
+        // SAFETY: the CPU has the features the functions are compiled for.
+        unsafe {
+            match out.len() {
+                1 => avx2::dot_tile::<F, 1>(w, acts, kb, out),
+                2 => avx2::dot_tile::<F, 2>(w, acts, kb, out),
+                3 => avx2::dot_tile::<F, 3>(w, acts, kb, out),
+                _ => avx2::dot_tile::<F, 4>(w, acts, kb, out),
+            }
+        }
         return;
     }
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_scalar(w, &acts[r * kb..(r + 1) * kb]);
-    }
+    dot_tile_scalar::<F>(w, acts, kb, out);
 }
 
-fn dot_scalar<B: WeightBlock>(w: &[B], a: &[ActBlock]) -> f32 {
-    let mut acc = 0f32;
-    let mut summs = 0f32;
-    for (wb, ab) in w.iter().zip(a) {
-        let (q, d, m) = wb.scalar();
-        let isum: i32 = q.iter().zip(&ab.qs).map(|(&w, &a)| w * a as i32).sum();
-        acc += d * ab.d * isum as f32;
-        summs += m * ab.s;
+/// The kernel's arithmetic one lane at a time (the same bits as the SIMD
+/// path: `mul_add` is a fused multiply-add).
+fn dot_tile_scalar<F: Format>(w: &[F::Group], acts: &[ActBlock], kb: usize, out: &mut [[f32; G]]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        let a = &acts[r * kb..(r + 1) * kb];
+        for (i, o) in o.iter_mut().enumerate() {
+            let (mut acc, mut macc) = (0f32, 0f32);
+            for (g, ab) in w.iter().zip(a) {
+                let c = F::unpack(g, i);
+                let isum: i32 = c
+                    .ints()
+                    .iter()
+                    .zip(&ab.qs)
+                    .map(|(&q, &a)| q * a as i32)
+                    .sum();
+                acc = (isum as f32).mul_add(c.d() * ab.d, acc);
+                if F::HAS_MIN {
+                    macc = c.m().mul_add(ab.s, macc);
+                }
+            }
+            *o = acc + macc;
+        }
     }
-    acc + summs
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, BlockQ41, BlockQ80, QK};
+    use super::{ActBlock, Format, G, GroupQ41, GroupQ80, QK};
 
-    // NOTE: every helper carries the target features itself. An
-    // `#[inline(always)]` helper without them cannot inline the intrinsics it
-    // calls, which then stay real function calls (ten times slower).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16_to_f32(bits: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// A weight block ready for `maddubs`: 32 unsigned bytes, and what the
-    /// activations' signs must be multiplied by.
-    #[derive(Clone, Copy)]
-    pub(crate) struct Unpacked {
-        u: __m256i,
-        sign: __m256i,
-        d: f32,
-        m: f32,
-    }
-
-    /// How the kernel reads one block format.
-    pub(crate) trait Simd {
-        /// Whether blocks carry a min (`m_w * s_a` term).
-        const HAS_MIN: bool;
-        /// # Safety
-        /// The CPU supports AVX2, FMA and F16C.
-        unsafe fn unpack(&self) -> Unpacked;
-        /// # Safety
-        /// As for `unpack`.
-        unsafe fn signed(u: &Unpacked, a: __m256i) -> __m256i;
-    }
-
-    impl Simd for BlockQ41 {
-        const HAS_MIN: bool = true;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(&self) -> Unpacked {
-            // SAFETY: `qs` is 16 readable bytes.
-            let q = unsafe { _mm_loadu_si128(self.qs.as_ptr().cast()) };
-            let mask = _mm_set1_epi8(0x0F);
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            Unpacked {
-                u: _mm256_set_m128i(hi, lo),
-                sign: _mm256_setzero_si256(),
-                d: f16_to_f32(self.d),
-                m: f16_to_f32(self.m),
-            }
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn signed(_: &Unpacked, a: __m256i) -> __m256i {
-            a
-        }
-    }
-
-    impl Simd for BlockQ80 {
-        const HAS_MIN: bool = false;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(&self) -> Unpacked {
-            // SAFETY: `qs` is 32 readable bytes.
-            let q = unsafe { _mm256_loadu_si256(self.qs.as_ptr().cast()) };
-            Unpacked {
-                u: _mm256_sign_epi8(q, q),
-                sign: q,
-                d: f16_to_f32(self.d),
-                m: 0.0,
-            }
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn signed(u: &Unpacked, a: __m256i) -> __m256i {
-            _mm256_sign_epi8(a, u.sign)
-        }
-    }
-
-    /// One block's contribution to one row: the same instructions whether
-    /// the row is alone or in a tile.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn step<B: Simd>(w: &Unpacked, a: &ActBlock, acc: &mut __m256, summs: &mut f32) {
-        // SAFETY: `qs` is 32 readable bytes.
-        let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
-        // SAFETY: AVX2 is enabled.
-        let q = unsafe { B::signed(w, q) };
-        let p16 = _mm256_maddubs_epi16(w.u, q);
-        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-        *acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.d), _mm256_cvtepi32_ps(p32), *acc);
-        if B::HAS_MIN {
-            *summs += w.m * a.s;
+    pub(super) unsafe fn q41_scales(g: &GroupQ41) -> (__m256, __m256) {
+        // SAFETY: `d` and `m` are 16 readable bytes each.
+        unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(g.m.as_ptr().cast())),
+            )
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn finish(acc: __m256, summs: f32) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s) + summs
+    pub(super) unsafe fn q41_weights(g: &GroupQ41, i: usize) -> (__m256i, __m256i) {
+        // SAFETY: `qs[i]` is 16 readable bytes.
+        let q = unsafe { _mm_loadu_si128(g.qs[i].as_ptr().cast()) };
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
+    }
+
+    /// Unsigned weights need no sign moved.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unsigned(_: __m256i, a: __m256i) -> __m256i {
+        a
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q80_scales(g: &GroupQ80) -> (__m256, __m256) {
+        // SAFETY: `d` is 16 readable bytes.
+        let d = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().cast())) };
+        (d, _mm256_setzero_ps())
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q80_weights(g: &GroupQ80, i: usize) -> (__m256i, __m256i) {
+        // SAFETY: `qs[i]` is 32 readable bytes.
+        let q = unsafe { _mm256_loadu_si256(g.qs[i].as_ptr().cast()) };
+        (_mm256_sign_epi8(q, q), q)
+    }
+
+    /// `a` with the signs of the signed weights: |w| * (a * sign(w)) = w * a.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn sign(sign: __m256i, a: __m256i) -> __m256i {
+        _mm256_sign_epi8(a, sign)
+    }
+
+    /// Lane `i` of the result is the sum of `p[i]`'s eight lanes (exact:
+    /// integer adds).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn reduce8(p: &[__m256i; G]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(p[0], p[1]);
+        let h23 = _mm256_hadd_epi32(p[2], p[3]);
+        let h45 = _mm256_hadd_epi32(p[4], p[5]);
+        let h67 = _mm256_hadd_epi32(p[6], p[7]);
+        let h0123 = _mm256_hadd_epi32(h01, h23);
+        let h4567 = _mm256_hadd_epi32(h45, h67);
+        let lo = _mm256_permute2x128_si256(h0123, h4567, 0x20);
+        let hi = _mm256_permute2x128_si256(h0123, h4567, 0x31);
+        _mm256_add_epi32(lo, hi)
     }
 
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// The CPU must support AVX2, FMA and F16C; `acts` holds `A` rows of
+    /// `kb` blocks and `w` holds `kb` groups.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows<B: Simd>(w: &[B], acts: &[ActBlock], kb: usize, out: &mut [f32]) {
-        let rows = out.len();
-        debug_assert!(w.len() == kb && acts.len() >= rows * kb);
-        let mut r = 0;
-        // Tiles of four rows share each unpacked weight block; the
-        // accumulators are plain locals so they live in registers.
-        while r + 4 <= rows {
-            let (a0, a1, a2, a3) = (
-                &acts[r * kb..],
-                &acts[(r + 1) * kb..],
-                &acts[(r + 2) * kb..],
-                &acts[(r + 3) * kb..],
-            );
-            let mut c = [_mm256_setzero_ps(); 4];
-            let mut s = [0f32; 4];
-            for k in 0..kb {
-                // SAFETY: features enabled by this function's attribute;
-                // `k < kb` indexes inside each row's blocks.
-                unsafe {
-                    let u = w.get_unchecked(k).unpack();
-                    step::<B>(&u, a0.get_unchecked(k), &mut c[0], &mut s[0]);
-                    step::<B>(&u, a1.get_unchecked(k), &mut c[1], &mut s[1]);
-                    step::<B>(&u, a2.get_unchecked(k), &mut c[2], &mut s[2]);
-                    step::<B>(&u, a3.get_unchecked(k), &mut c[3], &mut s[3]);
+    pub(super) unsafe fn dot_tile<F: Format, const A: usize>(
+        w: &[F::Group],
+        acts: &[ActBlock],
+        kb: usize,
+        out: &mut [[f32; G]],
+    ) {
+        debug_assert!(w.len() == kb && acts.len() >= A * kb && out.len() >= A);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        let mut macc = [_mm256_setzero_ps(); A];
+        for k in 0..kb {
+            // SAFETY: `k < kb` indexes inside `w` and each row of `acts`;
+            // the features are enabled by this function's attribute.
+            unsafe {
+                let g = w.get_unchecked(k);
+                let (d, m) = F::scales(g);
+                let ws: [(__m256i, __m256i); G] = std::array::from_fn(|i| F::weights(g, i));
+                for r in 0..A {
+                    let a = acts.get_unchecked(r * kb + k);
+                    let q = _mm256_loadu_si256(a.qs.as_ptr().cast());
+                    let p: [__m256i; G] = std::array::from_fn(|i| {
+                        let (u, sign) = ws[i];
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u, F::signed(sign, q)), ones)
+                    });
+                    let isum = _mm256_cvtepi32_ps(reduce8(&p));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                    acc[r] = _mm256_fmadd_ps(isum, scale, acc[r]);
+                    if F::HAS_MIN {
+                        macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), macc[r]);
+                    }
                 }
             }
-            for i in 0..4 {
-                out[r + i] = finish(c[i], s[i]);
-            }
-            r += 4;
         }
-        while r < rows {
-            let a = &acts[r * kb..(r + 1) * kb];
-            let mut c = _mm256_setzero_ps();
-            let mut s = 0f32;
-            for k in 0..kb {
-                // SAFETY: as above.
-                unsafe {
-                    let u = w.get_unchecked(k).unpack();
-                    step::<B>(&u, a.get_unchecked(k), &mut c, &mut s);
-                }
-            }
-            out[r] = finish(c, s);
-            r += 1;
+        for r in 0..A {
+            // SAFETY: `out[r]` is 8 writable floats.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], macc[r])) };
         }
     }
 
@@ -498,6 +618,8 @@ mod avx2 {
 }
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> (Q41Matrix, Vec<f32>) {
@@ -563,16 +685,36 @@ mod tests {
                 "row {r}"
             );
         }
-        // The SIMD path agrees with the scalar one.
-        let kb = cols / QK;
-        let mut acts = vec![ZERO_ACT; kb];
-        quantize_row(&x[..cols], &mut acts);
-        for (c, &simd) in y.iter().take(rows).enumerate() {
-            let s = dot_scalar(&w.blocks[c * kb..(c + 1) * kb], &acts);
-            assert!(
-                (s - simd).abs() <= 1e-4 * s.abs().max(1.0),
-                "column {c}: scalar {s}, simd {simd}"
-            );
+        // The SIMD path gives the scalar path's bits, for every tile height.
+        simd_equals_scalar(&w, &x, m);
+    }
+
+    fn simd_equals_scalar<F: Format>(w: &QMatrix<F>, x: &[f32], m: usize) {
+        let kb = w.cols / QK;
+        let mut acts = vec![ZERO_ACT; m * kb];
+        for (row, out) in x.chunks_exact(w.cols).zip(acts.chunks_exact_mut(kb)) {
+            quantize_row(row, out);
+        }
+        for g in 0..w.rows.div_ceil(G) {
+            let wg = &w.groups[g * kb..(g + 1) * kb];
+            for a in 1..=4.min(m) {
+                let mut simd = vec![[0f32; G]; a];
+                let mut scalar = vec![[0f32; G]; a];
+                dot_tile::<F>(wg, &acts[..a * kb], kb, &mut simd);
+                dot_tile_scalar::<F>(wg, &acts[..a * kb], kb, &mut scalar);
+                assert_eq!(
+                    simd.concat()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    scalar
+                        .concat()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "group {g}, tile of {a}"
+                );
+            }
         }
     }
 
@@ -634,6 +776,7 @@ mod tests {
                 "row {r}"
             );
         }
+        simd_equals_scalar(&w, &x, m);
     }
 
     #[test]
