@@ -33,6 +33,8 @@ use crate::error::ModelError;
 const QK: usize = 32;
 /// Weight rows per group.
 const G: usize = 8;
+/// Activation rows per tile.
+const TILE: usize = 8;
 
 /// One block in a canonical form: `w = d * q + m` (f16 bits for d and m).
 #[derive(Clone, Copy)]
@@ -348,11 +350,11 @@ impl<F: Format> QMatrix<F> {
         let kernel = |task: usize| {
             let g0 = task * groups_per_task;
             let g1 = (g0 + groups_per_task).min(ngroups);
-            let mut tile = [[0f32; G]; 4];
+            let mut tile = [[0f32; G]; TILE];
             // Row tiles outside, groups inside: a tile's activations and the
             // task's weights both stay in L1 across the loop.
-            for r in (0..m).step_by(4) {
-                let rn = (m - r).min(4);
+            for r in (0..m).step_by(TILE) {
+                let rn = (m - r).min(TILE);
                 for g in g0..g1 {
                     let w = &self.groups[g * kb..(g + 1) * kb];
                     dot_tile::<F>(w, &acts[r * kb..(r + rn) * kb], kb, &mut tile[..rn]);
@@ -419,7 +421,11 @@ fn dot_tile<F: Format>(w: &[F::Group], acts: &[ActBlock], kb: usize, out: &mut [
                 1 => avx2::dot_tile::<F, 1>(w, acts, kb, out),
                 2 => avx2::dot_tile::<F, 2>(w, acts, kb, out),
                 3 => avx2::dot_tile::<F, 3>(w, acts, kb, out),
-                _ => avx2::dot_tile::<F, 4>(w, acts, kb, out),
+                4 => avx2::dot_tile::<F, 4>(w, acts, kb, out),
+                5 => avx2::dot_tile::<F, 5>(w, acts, kb, out),
+                6 => avx2::dot_tile::<F, 6>(w, acts, kb, out),
+                7 => avx2::dot_tile::<F, 7>(w, acts, kb, out),
+                _ => avx2::dot_tile::<F, 8>(w, acts, kb, out),
             }
         }
         return;
@@ -697,7 +703,7 @@ mod tests {
         }
         for g in 0..w.rows.div_ceil(G) {
             let wg = &w.groups[g * kb..(g + 1) * kb];
-            for a in 1..=4.min(m) {
+            for a in 1..=TILE.min(m) {
                 let mut simd = vec![[0f32; G]; a];
                 let mut scalar = vec![[0f32; G]; a];
                 dot_tile::<F>(wg, &acts[..a * kb], kb, &mut simd);
