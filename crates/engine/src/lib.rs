@@ -1,11 +1,21 @@
 //! The engine: turns requests into steps and tokens.
 //!
-//! This crate will own requests and their channels, the scheduler
-//! (continuous batching with chunked prefill, admission by
-//! `lookup_and_pin`, preemption), the executor thread that runs steps and
-//! reports their epochs' completion to the KV core in order, and sessions.
+//! A request (prompt tokens, sampling, stop conditions, cache salt) goes to
+//! the scheduler, which admits it by `lookup_and_pin` of its prompt's prefix
+//! and allocation of the rest, and plans steps that mix decode rows and
+//! prefill chunks under a token budget. The executor thread runs each step
+//! (forward pass, sampling) and reports its epoch to the KV core, in order.
+//! Step N+1 is planned while step N runs; correctness rests only on epochs.
 //!
 //! It may depend on `strata-kv`, `strata-store` and `strata-model`. It is
 //! the only crate that spawns threads, and it knows nothing of HTTP or JSON.
-//!
-//! Status: filled by issue 3/6.
+
+mod engine;
+mod executor;
+mod request;
+mod scheduler;
+
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
+pub use executor::{ModelRunner, Runner};
+pub use request::{Event, FinishReason, Request, RequestHandle, StopConditions, Usage};
+pub use scheduler::{Counters, SchedulerConfig};

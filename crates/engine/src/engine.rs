@@ -1,0 +1,302 @@
+//! The engine of one model instance: a scheduler thread that plans steps and
+//! an executor thread that runs them, with at most two steps outstanding so
+//! that step N+1 is planned while step N runs.
+//!
+//! ```text
+//!   submit ──► [loop thread: Scheduler] ──Step──► [executor thread: Runner]
+//!                  ▲        │ events                      │ complete/fail(epoch)
+//!                  └────────┴───────────── StepResult ◄───┘
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, TokenId};
+use tokio::sync::mpsc;
+
+use crate::executor::{Executor, Runner, Step, StepResult};
+use crate::request::{Request, RequestHandle};
+use crate::scheduler::{Counters, Scheduler, SchedulerConfig};
+
+/// Why the engine refused a request or could not start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Prompt plus requested tokens exceed the context.
+    #[error(
+        "this model's maximum context length is {context} tokens; the request has {prompt} prompt tokens and asks for {max_tokens} more"
+    )]
+    ContextExceeded {
+        /// The context limit.
+        context: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested tokens.
+        max_tokens: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    /// Too many requests waiting.
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+    /// The configuration cannot work.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+/// How an engine instance is sized.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// KV blocks.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Context limit; clamped so one full-context sequence plus a block
+    /// fits the arena.
+    pub context: usize,
+    /// Vocabulary size (token ids are checked against it).
+    pub vocab: usize,
+    /// End-of-sequence tokens.
+    pub eos: Vec<TokenId>,
+    /// What goes into every chain root besides the salt.
+    pub model_fingerprint: Vec<u8>,
+    /// The installation's hash key.
+    pub hash_key: HashKey,
+    /// Step budget and running limit.
+    pub scheduler: SchedulerConfig,
+    /// Requests waiting or running at most.
+    pub queue_limit: usize,
+}
+
+enum Msg {
+    Submit(u64, Request, mpsc::UnboundedSender<crate::Event>),
+    Done(StepResult),
+    Idle(std_mpsc::Sender<()>),
+    Shutdown,
+}
+
+/// What the engine reports about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Scheduler counters.
+    pub counters: Counters,
+    /// The KV pool's counters and gauges.
+    pub pool: PoolStats,
+}
+
+/// One model instance being served.
+pub struct Engine {
+    tx: std_mpsc::Sender<Msg>,
+    next_id: AtomicU64,
+    cache: KvCache,
+    counters: Arc<Mutex<Counters>>,
+    context: usize,
+    vocab: usize,
+    queue_limit: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts the scheduler and executor threads over `runner`.
+    pub fn start<R: Runner>(runner: R, config: EngineConfig) -> Result<Self, EngineError> {
+        let bs = config.block_size;
+        if bs == 0 || config.num_blocks < 2 {
+            return Err(EngineError::Config(format!(
+                "{} blocks of {bs} tokens cannot hold a sequence",
+                config.num_blocks
+            )));
+        }
+        let context = config.context.min((config.num_blocks - 1) * bs);
+        let hasher = BlockHasher::new(&config.hash_key, bs);
+        let cache = KvCache::new(
+            PoolConfig {
+                num_blocks: config.num_blocks as u32,
+                block_size: bs as u32,
+            },
+            hasher.clone(),
+        )
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+        let mut scheduler = Scheduler::new(
+            cache.clone(),
+            hasher,
+            config.model_fingerprint.clone(),
+            bs,
+            context,
+            config.eos.clone(),
+            config.scheduler,
+        );
+        let (tx, rx) = std_mpsc::channel::<Msg>();
+        let (step_tx, step_rx) = std_mpsc::channel::<Step>();
+        let done_tx = tx.clone();
+        let mut executor = Executor::new(runner, cache.clone());
+        let exec = std::thread::Builder::new()
+            .name("strata-executor".into())
+            .spawn(move || {
+                while let Ok(step) = step_rx.recv() {
+                    if done_tx.send(Msg::Done(executor.run(step))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let counters = Arc::new(Mutex::new(Counters::default()));
+        let shared = counters.clone();
+        let sched = std::thread::Builder::new()
+            .name("strata-scheduler".into())
+            .spawn(move || {
+                let mut outstanding = 0usize;
+                let mut stopping = false;
+                let mut idle_waiters: Vec<std_mpsc::Sender<()>> = Vec::new();
+                loop {
+                    let idle = outstanding >= 2 || !scheduler.has_work() || stopping;
+                    let msg = if idle {
+                        match rx.recv() {
+                            Ok(m) => Some(m),
+                            Err(_) => break,
+                        }
+                    } else {
+                        rx.try_recv().ok()
+                    };
+                    match msg {
+                        Some(Msg::Submit(id, req, events)) => scheduler.add(id, req, events),
+                        Some(Msg::Done(r)) => {
+                            outstanding -= 1;
+                            scheduler.on_result(r);
+                        }
+                        Some(Msg::Idle(w)) => idle_waiters.push(w),
+                        Some(Msg::Shutdown) => {
+                            stopping = true;
+                            scheduler.abort_all();
+                        }
+                        None => {}
+                    }
+                    scheduler.reap_disconnected();
+                    while !stopping && outstanding < 2 {
+                        match scheduler.plan(outstanding > 0) {
+                            Ok(Some(step)) => {
+                                if step_tx.send(step).is_err() {
+                                    break;
+                                }
+                                outstanding += 1;
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                // The KV core refused an operation: a bug.
+                                // Fail loudly rather than run on bad state.
+                                panic!("scheduler: {e}");
+                            }
+                        }
+                    }
+                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = scheduler.counters();
+                    if outstanding == 0 && scheduler.live() == 0 {
+                        for w in idle_waiters.drain(..) {
+                            let _ = w.send(());
+                        }
+                    }
+                    if stopping && outstanding == 0 && scheduler.live() == 0 {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        Ok(Self {
+            tx,
+            next_id: AtomicU64::new(1),
+            cache,
+            counters,
+            context,
+            vocab: config.vocab,
+            queue_limit: config.queue_limit,
+            threads: vec![sched, exec],
+        })
+    }
+
+    /// The context limit in force (after clamping to the arena).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// The KV cache (for stats and whole-pool checks).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Counters and pool gauges.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            counters: *self.counters.lock().unwrap_or_else(|p| p.into_inner()),
+            pool: self.cache.lock().stats(),
+        }
+    }
+
+    /// Validates and queues a request; its events arrive on the handle.
+    pub fn submit(&self, req: Request) -> Result<RequestHandle, EngineError> {
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(t) = req.prompt.iter().find(|t| t.get() as usize >= self.vocab) {
+            return Err(EngineError::BadToken(t.get()));
+        }
+        let max_tokens = req.stop.max_tokens.unwrap_or(1).max(1);
+        if req.prompt.len() + max_tokens > self.context {
+            return Err(EngineError::ContextExceeded {
+                context: self.context,
+                prompt: req.prompt.len(),
+                max_tokens,
+            });
+        }
+        let c = *self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if c.waiting >= self.queue_limit {
+            return Err(EngineError::QueueFull(c.waiting));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(Msg::Submit(id, req, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(RequestHandle { id, events: rx })
+    }
+
+    /// Blocks until no request is live and no step is in flight.
+    pub fn wait_idle(&self) {
+        let (tx, rx) = std_mpsc::channel();
+        if self.tx.send(Msg::Idle(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Aborts what is running, waits for the steps in flight, and stops the
+    /// threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,119 @@
+//! What a client hands the engine, and what comes back.
+
+use strata_kv::TokenId;
+use strata_model::SamplingParams;
+use tokio::sync::mpsc;
+
+/// When a sequence stops, besides the model's end-of-sequence tokens.
+#[derive(Clone, Debug, Default)]
+pub struct StopConditions {
+    /// Generated tokens at most (`None`: up to the context length).
+    pub max_tokens: Option<usize>,
+    /// Token ids that end the sequence (the stop token is reported).
+    pub stop_token_ids: Vec<TokenId>,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// End-of-sequence and stop ids are ignored before this many tokens.
+    pub min_tokens: usize,
+}
+
+/// One request: a prompt to continue.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The prompt's token ids (at least one).
+    pub prompt: Vec<TokenId>,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// When to stop.
+    pub stop: StopConditions,
+    /// Prefixes are shared only between requests with the same salt.
+    pub cache_salt: Option<Vec<u8>>,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence or stop token.
+    Stop,
+    /// `max_tokens`, or the context length.
+    Length,
+    /// The client went away, or the engine is shutting down.
+    Abort,
+    /// A step carrying the request failed.
+    Error(String),
+}
+
+/// Token counts of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens found in the prefix cache at (first) admission.
+    pub cached_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+/// What the engine sends back over a request's channel.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The request was admitted; `cached_tokens` of its prompt were hits.
+    Admitted {
+        /// Prompt tokens found in the prefix cache.
+        cached_tokens: usize,
+    },
+    /// One generated token.
+    Token {
+        /// The token.
+        id: TokenId,
+        /// Its log-probability.
+        logprob: f32,
+        /// The most likely alternatives, if asked for.
+        top: Vec<(TokenId, f32)>,
+    },
+    /// The last event of a request.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Its token counts.
+        usage: Usage,
+    },
+}
+
+/// The receiving side of a request. Dropping it aborts the request: its
+/// blocks come back (through quarantine if a step still uses them).
+#[derive(Debug)]
+pub struct RequestHandle {
+    pub(crate) id: u64,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RequestHandle {
+    /// The engine's id for the request.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event, waiting for it (from async code).
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (from sync code and tests).
+    pub fn recv_blocking(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+
+    /// Every remaining event, blocking until the request finishes.
+    pub fn collect_blocking(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(e) = self.recv_blocking() {
+            let last = matches!(e, Event::Finished { .. });
+            out.push(e);
+            if last {
+                break;
+            }
+        }
+        out
+    }
+}

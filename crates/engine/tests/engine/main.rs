@@ -1,0 +1,6 @@
+//! Engine tests on the tiny random-weight model: one binary, modules.
+
+#![allow(clippy::unwrap_used)]
+
+mod fixture;
+mod requests;

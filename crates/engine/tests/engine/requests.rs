@@ -1,0 +1,183 @@
+//! Requests through the engine: exact outputs, prefix hits, aborts,
+//! preemption, rejection, overlap.
+
+use strata_engine::{EngineError, Event, FinishReason, StopConditions};
+use strata_kv::TokenId;
+
+use crate::fixture::{Setup, assert_whole, engine, greedy, model, outcome, prompt, solo};
+
+#[test]
+fn a_request_yields_exactly_the_solo_run_tokens() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let p = prompt(0, 23, 1);
+    let out = outcome(e.submit(greedy(p.clone(), 12)).unwrap().collect_blocking());
+    assert_eq!(out.tokens, solo(&m, &p, 12));
+    assert_eq!(out.reason, FinishReason::Length);
+    assert_eq!(out.usage.prompt_tokens, 23);
+    assert_whole(&e);
+}
+
+#[test]
+fn concurrent_requests_each_match_their_solo_run() {
+    let m = model(7);
+    // A small step budget, so prefill is chunked and mixes with decode.
+    let e = engine(
+        &m,
+        Setup {
+            step_tokens: 16,
+            ..Setup::default()
+        },
+    );
+    let prompts: Vec<Vec<TokenId>> = (0..8).map(|i| prompt(12, 20 + 3 * i, i as u32)).collect();
+    let mut handles: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(greedy(p.clone(), 10)).unwrap())
+        .collect();
+    for (h, p) in handles.iter_mut().zip(&prompts) {
+        let out = outcome(h.collect_blocking());
+        assert_eq!(out.tokens, solo(&m, p, 10), "prompt of {}", p.len());
+    }
+    let c = e.stats().counters;
+    assert!(
+        c.overlapped_steps > 0,
+        "no step was planned during another: {c:?}"
+    );
+    assert_whole(&e);
+}
+
+#[test]
+fn an_identical_second_request_hits_the_prefix_cache() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let p = prompt(0, 30, 5);
+    let first = outcome(e.submit(greedy(p.clone(), 4)).unwrap().collect_blocking());
+    let second = outcome(e.submit(greedy(p.clone(), 4)).unwrap().collect_blocking());
+    assert_eq!(first.cached, 0);
+    // Every full block but the one holding the last prompt token.
+    assert_eq!(second.cached, 28);
+    assert_eq!(second.usage.cached_tokens, 28);
+    assert_eq!(first.tokens, second.tokens);
+    // Another salt shares nothing.
+    let mut salted = greedy(p, 4);
+    salted.cache_salt = Some(b"tenant-b".to_vec());
+    let third = outcome(e.submit(salted).unwrap().collect_blocking());
+    assert_eq!(third.cached, 0);
+    assert_eq!(third.tokens, first.tokens);
+    assert_whole(&e);
+}
+
+#[test]
+fn dropping_the_handle_aborts_and_the_blocks_come_back() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let mut h = e.submit(greedy(prompt(0, 40, 9), 400)).unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        match h.recv_blocking() {
+            Some(Event::Token { .. }) => tokens += 1,
+            Some(Event::Finished { reason, .. }) => panic!("finished early: {reason:?}"),
+            Some(Event::Admitted { .. }) => {}
+            None => panic!("the engine dropped the request"),
+        }
+    }
+    drop(h);
+    assert_whole(&e);
+    assert_eq!(e.stats().counters.aborted, 1);
+}
+
+#[test]
+fn preemption_under_a_small_pool_keeps_every_output_exact() {
+    let m = model(7);
+    // 16 blocks of 4 tokens; each request needs 8 blocks by its end.
+    let e = engine(
+        &m,
+        Setup {
+            blocks: 16,
+            block_size: 4,
+            step_tokens: 32,
+            max_running: 8,
+        },
+    );
+    let prompts: Vec<Vec<TokenId>> = (0..4).map(|i| prompt(0, 10 + i, 40 + i as u32)).collect();
+    let mut handles: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(greedy(p.clone(), 20)).unwrap())
+        .collect();
+    for (h, p) in handles.iter_mut().zip(&prompts) {
+        let out = outcome(h.collect_blocking());
+        assert_eq!(out.tokens, solo(&m, p, 20));
+    }
+    assert!(e.stats().counters.preemptions > 0, "{:?}", e.stats());
+    assert_whole(&e);
+}
+
+#[test]
+fn stop_tokens_end_a_request_but_not_before_min_tokens() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let p = prompt(0, 17, 3);
+    let free = solo(&m, &p, 6);
+    // Stop at the third token of the free run.
+    let mut r = greedy(p.clone(), 6);
+    r.stop.stop_token_ids = vec![free[2]];
+    let out = outcome(e.submit(r).unwrap().collect_blocking());
+    let first = free.iter().position(|t| *t == free[2]).unwrap();
+    assert_eq!(out.tokens, free[..=first]);
+    assert_eq!(out.reason, FinishReason::Stop);
+    // With min_tokens, the stop token cannot be sampled before it.
+    let mut r = greedy(p, 6);
+    r.stop = StopConditions {
+        max_tokens: Some(6),
+        stop_token_ids: vec![free[0]],
+        ignore_eos: true,
+        min_tokens: 4,
+    };
+    let out = outcome(e.submit(r).unwrap().collect_blocking());
+    assert!(
+        out.tokens[..3].iter().all(|t| *t != free[0]),
+        "{:?}",
+        out.tokens
+    );
+    assert_whole(&e);
+}
+
+#[test]
+fn requests_that_could_never_fit_are_refused_up_front() {
+    let m = model(7);
+    let e = engine(
+        &m,
+        Setup {
+            blocks: 9,
+            block_size: 4,
+            ..Setup::default()
+        },
+    );
+    // The context is clamped to what the arena holds: 8 blocks of 4.
+    assert_eq!(e.context(), 32);
+    assert_eq!(
+        e.submit(greedy(prompt(0, 30, 1), 3)).unwrap_err(),
+        EngineError::ContextExceeded {
+            context: 32,
+            prompt: 30,
+            max_tokens: 3
+        }
+    );
+    assert_eq!(
+        e.submit(greedy(Vec::new(), 3)).unwrap_err(),
+        EngineError::EmptyPrompt
+    );
+    assert_eq!(
+        e.submit(greedy(vec![TokenId::new(100_000)], 3))
+            .unwrap_err(),
+        EngineError::BadToken(100_000)
+    );
+    // The largest request that fits runs to its end.
+    let out = outcome(
+        e.submit(greedy(prompt(0, 28, 1), 4))
+            .unwrap()
+            .collect_blocking(),
+    );
+    assert_eq!(out.tokens.len(), 4);
+    assert_whole(&e);
+}
