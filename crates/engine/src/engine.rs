@@ -90,6 +90,8 @@ pub struct EngineStats {
     pub counters: Counters,
     /// The KV pool's counters and gauges.
     pub pool: PoolStats,
+    /// Sanitizer violations (each failed its step).
+    pub violations: u64,
 }
 
 /// One model instance being served.
@@ -102,6 +104,7 @@ pub struct Engine {
     vocab: usize,
     queue_limit: usize,
     threads: Vec<JoinHandle<()>>,
+    violations: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -144,7 +147,8 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
-        let mut executor = Executor::new(runner, cache.clone());
+        let violations = Arc::new(AtomicU64::new(0));
+        let mut executor = Executor::new(runner, cache.clone(), violations.clone());
         let exec = std::thread::Builder::new()
             .name("strata-executor".into())
             .spawn(move || {
@@ -224,6 +228,7 @@ impl Engine {
             vocab: config.vocab,
             queue_limit: config.queue_limit,
             threads: vec![sched, exec],
+            violations,
         })
     }
 
@@ -242,6 +247,7 @@ impl Engine {
         EngineStats {
             counters: *self.counters.lock().unwrap_or_else(|p| p.into_inner()),
             pool: self.cache.lock().stats(),
+            violations: self.violations.load(Ordering::Relaxed),
         }
     }
 

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use strata_kv::{BlockId, Epoch, KvCache, SlotRef, TokenId};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use strata_kv::{Access, BlockId, Epoch, Generation, KvCache, SlotRef, TokenId};
 use strata_model::{LlamaModel, Sampled, Sampler, SamplingParams, SeqInput};
 use strata_store::Arena;
 
@@ -13,6 +15,10 @@ use strata_store::Arena;
 pub trait Runner: Send + 'static {
     /// Logits of the last row of every sequence with `logits` set, in order.
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String>;
+
+    /// Makes a freshly allocated block's contents unreadable (the
+    /// sanitizer's poison), so a stale read shows up in the output.
+    fn poison(&mut self, _block: BlockId) {}
 }
 
 /// The real model over its KV arena.
@@ -33,6 +39,10 @@ impl Runner for ModelRunner {
         self.model
             .forward(&mut self.arena, batch)
             .map_err(|e| e.to_string())
+    }
+
+    fn poison(&mut self, block: BlockId) {
+        self.arena.poison(block);
     }
 }
 
@@ -63,6 +73,10 @@ pub(crate) struct Step {
     pub(crate) seqs: Vec<StepSeq>,
     /// Sequences that will not appear again: drop their sampler state.
     pub(crate) retire: Vec<u64>,
+    /// Sanitizer: blocks allocated for this step, to poison first.
+    pub(crate) poison: Vec<BlockId>,
+    /// Sanitizer: every (block, generation) the step reads or writes.
+    pub(crate) accesses: Vec<(BlockId, Generation, Access)>,
 }
 
 /// What a step produced.
@@ -81,16 +95,33 @@ pub(crate) struct Executor<R> {
     samplers: HashMap<u64, Sampler>,
     /// The token each sequence's latest step sampled.
     last: HashMap<u64, TokenId>,
+    /// Sanitizer violations seen.
+    violations: Arc<AtomicU64>,
 }
 
 impl<R: Runner> Executor<R> {
-    pub(crate) fn new(runner: R, cache: KvCache) -> Self {
+    pub(crate) fn new(runner: R, cache: KvCache, violations: Arc<AtomicU64>) -> Self {
         Self {
             runner,
             cache,
             samplers: HashMap::new(),
             last: HashMap::new(),
+            violations,
         }
+    }
+
+    /// The sanitizer's check of the step's accesses against the pool.
+    fn validate(&self, step: &Step) -> Result<(), String> {
+        if step.accesses.is_empty() {
+            return Ok(());
+        }
+        self.cache
+            .lock()
+            .validate(step.epoch, &step.accesses)
+            .map_err(|e| {
+                self.violations.fetch_add(1, Ordering::Relaxed);
+                e.to_string()
+            })
     }
 
     /// Runs one step and reports its epoch to the KV core.
@@ -130,10 +161,15 @@ impl<R: Runner> Executor<R> {
                 logits: s.sample,
             })
             .collect();
+        for &b in &step.poison {
+            self.runner.poison(b);
+        }
         let logits = if batch.is_empty() {
             Ok(Vec::new())
         } else {
-            self.runner.forward(&batch)
+            self.validate(&step)
+                .and_then(|()| self.runner.forward(&batch))
+                .and_then(|l| self.validate(&step).map(|()| l))
         };
         let mut samples = Vec::new();
         match logits {

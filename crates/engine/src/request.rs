@@ -99,6 +99,11 @@ impl RequestHandle {
         self.events.recv().await
     }
 
+    /// The next event if one is waiting; `Err` tells empty from closed.
+    pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
+        self.events.try_recv()
+    }
+
     /// The next event, blocking the thread (from sync code and tests).
     pub fn recv_blocking(&mut self) -> Option<Event> {
         self.events.blocking_recv()

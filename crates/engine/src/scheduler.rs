@@ -15,7 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use strata_kv::{
-    BlockHasher, ChainRoot, Epoch, ExtraKeys, KvCache, KvError, Lease, OwnerTag, PoolGuard, TokenId,
+    Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, Generation, KvCache, KvError, Lease,
+    OwnerTag, PoolGuard, TokenId,
 };
 use strata_model::SamplingParams;
 use tokio::sync::mpsc;
@@ -30,6 +31,9 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+    /// The sanitizer: record each step's (block, generation) accesses for
+    /// the executor to validate, and poison blocks as they are allocated.
+    pub sanitize: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -37,6 +41,7 @@ impl Default for SchedulerConfig {
         Self {
             max_step_tokens: 512,
             max_running: 64,
+            sanitize: cfg!(debug_assertions),
         }
     }
 }
@@ -63,6 +68,15 @@ pub struct Counters {
     pub waiting: usize,
     /// Requests running.
     pub running: usize,
+}
+
+/// What planning one request's row gave.
+enum Planned {
+    Row(StepSeq),
+    /// No block could be allocated for it.
+    NoBlocks,
+    /// It cannot continue.
+    Failed(String),
 }
 
 struct Seq {
@@ -108,6 +122,10 @@ pub(crate) struct Scheduler {
     counters: Counters,
     /// The epoch of the latest step result.
     last_done: Epoch,
+    /// Blocks allocated while planning the current step (sanitizer).
+    fresh: Vec<BlockId>,
+    /// The current step's accesses (sanitizer).
+    accesses: Vec<(BlockId, Generation, Access)>,
 }
 
 impl Scheduler {
@@ -135,6 +153,8 @@ impl Scheduler {
             retire: Vec::new(),
             counters: Counters::default(),
             last_done: Epoch::ZERO,
+            fresh: Vec::new(),
+            accesses: Vec::new(),
         }
     }
 
@@ -250,12 +270,13 @@ impl Scheduler {
                     continue;
                 }
                 match self.plan_row(&mut g, id, epoch, budget)? {
-                    Some(row) => {
+                    Planned::Row(row) => {
                         budget -= row.known.len().max(1);
                         seqs.push(row);
                         i += 1;
                     }
-                    None => {
+                    Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
+                    Planned::NoBlocks => {
                         // Out of blocks: the newest running request not in
                         // this step gives its blocks back (maybe this one).
                         let victim = *self
@@ -283,9 +304,13 @@ impl Scheduler {
             self.waiting.pop_front();
             let at = self.running.partition_point(|&r| r < id);
             self.running.insert(at, id);
-            if let Some(row) = self.plan_row(&mut g, id, epoch, budget)? {
-                budget -= row.known.len().max(1);
-                seqs.push(row);
+            match self.plan_row(&mut g, id, epoch, budget)? {
+                Planned::Row(row) => {
+                    budget -= row.known.len().max(1);
+                    seqs.push(row);
+                }
+                Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
+                Planned::NoBlocks => {}
             }
         }
         drop(g);
@@ -296,6 +321,8 @@ impl Scheduler {
             epoch,
             seqs,
             retire: std::mem::take(&mut self.retire),
+            poison: std::mem::take(&mut self.fresh),
+            accesses: std::mem::take(&mut self.accesses),
         }))
     }
 
@@ -321,6 +348,10 @@ impl Scheduler {
             Err(KvError::OutOfBlocks { .. }) => return Ok(false),
             Err(e) => return Err(e),
         }
+        if self.config.sanitize {
+            self.fresh
+                .extend_from_slice(&g.table(lease.id())?[hit.blocks..]);
+        }
         s.computed = hit.tokens;
         s.lease = Some(lease);
         if s.cached_tokens.is_none() {
@@ -333,14 +364,14 @@ impl Scheduler {
     }
 
     /// The row of running request `id` in this step, writing its tokens
-    /// into its blocks; `None` if a block could not be allocated.
+    /// into its blocks.
     fn plan_row(
         &mut self,
         g: &mut PoolGuard<'_>,
         id: u64,
         epoch: Epoch,
         budget: usize,
-    ) -> Result<Option<StepSeq>, KvError> {
+    ) -> Result<Planned, KvError> {
         let bs = self.block_size;
         let s = self.seqs.get_mut(&id).expect("running requests exist");
         let lease = s.lease.as_ref().expect("running requests hold a lease");
@@ -355,17 +386,32 @@ impl Scheduler {
         if need > 0 {
             match g.allocate(lease, need) {
                 Ok(_) => {}
-                Err(KvError::OutOfBlocks { .. }) => return Ok(None),
+                Err(KvError::OutOfBlocks { .. }) => return Ok(Planned::NoBlocks),
                 Err(e) => return Err(e),
+            }
+            if self.config.sanitize {
+                self.fresh.extend_from_slice(&g.table(lease.id())?[have..]);
             }
         }
         let start = s.computed;
-        let (slot, known) = if pending {
-            (Some(g.write_pending(lease, epoch)?), Vec::new())
+        let written = if pending {
+            g.write_pending(lease, epoch)
+                .map(|slot| (Some(slot), Vec::new()))
         } else {
             let chunk = s.tokens[start..start + n].to_vec();
-            g.write(lease, epoch, &chunk)?;
-            (None, chunk)
+            g.write(lease, epoch, &chunk).map(|_| (None, chunk))
+        };
+        let (slot, known) = match written {
+            Ok(x) => x,
+            // A step that wrote this block failed after this request's
+            // previous row was planned (the overlap): the request fails
+            // with it, here instead of when that step's result arrives.
+            Err(e @ KvError::WriteRule { .. }) => {
+                return Ok(Planned::Failed(format!(
+                    "a step carrying this request failed ({e})"
+                )));
+            }
+            Err(e) => return Err(e),
         };
         s.computed += n;
         let sample = s.computed >= s.tokens.len();
@@ -383,12 +429,24 @@ impl Scheduler {
         } else {
             Vec::new()
         };
-        Ok(Some(StepSeq {
+        let table = g.table(lease.id())?.to_vec();
+        if self.config.sanitize {
+            let end = (start + n).div_ceil(bs);
+            for (j, &b) in table[..end].iter().enumerate() {
+                let access = if j >= start / bs {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                self.accesses.push((b, g.generation(b), access));
+            }
+        }
+        Ok(Planned::Row(StepSeq {
             seq: id,
             start,
             pending: slot,
             known,
-            table: g.table(lease.id())?.to_vec(),
+            table,
             sample,
             suppress,
             sampler,

@@ -61,6 +61,7 @@ pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
             scheduler: SchedulerConfig {
                 max_step_tokens: s.step_tokens,
                 max_running: s.max_running,
+                sanitize: true,
             },
             queue_limit: 1024,
         },
@@ -177,6 +178,8 @@ pub(crate) fn assert_whole(e: &Engine) {
     assert_eq!(pool.live_holders(), 0, "holders left: {s:?}");
     assert_eq!((s.free, s.owned, s.quarantined), (s.total, 0, 0), "{s:?}");
     assert!(pool.is_whole(), "{s:?}");
+    drop(pool);
+    assert_eq!(e.stats().violations, 0);
 }
 
 /// Prompt tokens from a seed: a shared head of `shared` tokens, then a

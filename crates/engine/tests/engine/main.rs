@@ -2,5 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod fake;
 mod fixture;
 mod requests;
+mod stress;
