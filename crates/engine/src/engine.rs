@@ -19,6 +19,10 @@ use tokio::sync::mpsc;
 use crate::executor::{Executor, Runner, Step, StepResult};
 use crate::request::{Request, RequestHandle};
 use crate::scheduler::{Counters, Scheduler, SchedulerConfig};
+use crate::session::{self, SessionId, SessionInfo, SharedRegistry};
+
+/// Engine instances, numbered so a session names its model.
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
 /// Why the engine refused a request or could not start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +51,22 @@ pub enum EngineError {
     /// The engine has stopped.
     #[error("the engine has stopped")]
     Stopped,
+    /// No such session (never created, or destroyed).
+    #[error("{0} does not exist")]
+    UnknownSession(String),
+    /// A session used with a model it does not belong to.
+    #[error("{session} cannot be used with model '{model}' (instance {instance})")]
+    SessionOfAnotherModel {
+        /// The session, with its own model.
+        session: String,
+        /// The model it was used with.
+        model: String,
+        /// That model's instance number.
+        instance: u64,
+    },
+    /// The session already has a turn running.
+    #[error("{0} already has a turn running")]
+    SessionBusy(String),
     /// The configuration cannot work.
     #[error("invalid engine configuration: {0}")]
     Config(String),
@@ -74,12 +94,20 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Requests waiting or running at most.
     pub queue_limit: usize,
+    /// The model's name (for errors and listings).
+    pub model_name: String,
+    /// Idle sessions give up their pins after this long.
+    pub session_ttl: std::time::Duration,
 }
 
 enum Msg {
     Submit(u64, Request, mpsc::UnboundedSender<crate::Event>),
     Done(StepResult),
     Idle(std_mpsc::Sender<()>),
+    CreateSession(u64, Option<Vec<u8>>),
+    DestroySession(u64, std_mpsc::Sender<bool>),
+    ListSessions(std_mpsc::Sender<Vec<SessionInfo>>),
+    Debug(std_mpsc::Sender<String>),
     Shutdown,
 }
 
@@ -105,6 +133,10 @@ pub struct Engine {
     queue_limit: usize,
     threads: Vec<JoinHandle<()>>,
     violations: Arc<AtomicU64>,
+    instance: u64,
+    name: Arc<str>,
+    registry: SharedRegistry,
+    next_session: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,6 +167,7 @@ impl Engine {
             hasher.clone(),
         )
         .map_err(|e| EngineError::Config(e.to_string()))?;
+        let registry = SharedRegistry::default();
         let mut scheduler = Scheduler::new(
             cache.clone(),
             hasher,
@@ -143,6 +176,8 @@ impl Engine {
             context,
             config.eos.clone(),
             config.scheduler,
+            registry.clone(),
+            config.session_ttl,
         );
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
@@ -184,6 +219,19 @@ impl Engine {
                             scheduler.on_result(r);
                         }
                         Some(Msg::Idle(w)) => idle_waiters.push(w),
+                        Some(Msg::CreateSession(id, salt)) => scheduler.create_session(id, salt),
+                        Some(Msg::DestroySession(id, reply)) => {
+                            let _ = reply.send(scheduler.destroy_session(id));
+                        }
+                        Some(Msg::Debug(reply)) => {
+                            let _ = reply.send(format!(
+                                "outstanding steps {outstanding}\n{}",
+                                scheduler.debug_state()
+                            ));
+                        }
+                        Some(Msg::ListSessions(reply)) => {
+                            let _ = reply.send(scheduler.session_infos());
+                        }
                         Some(Msg::Shutdown) => {
                             stopping = true;
                             scheduler.abort_all();
@@ -191,6 +239,7 @@ impl Engine {
                         None => {}
                     }
                     scheduler.reap_disconnected();
+                    scheduler.unpin_expired();
                     while !stopping && outstanding < 2 {
                         match scheduler.plan(outstanding > 0) {
                             Ok(Some(step)) => {
@@ -229,6 +278,10 @@ impl Engine {
             queue_limit: config.queue_limit,
             threads: vec![sched, exec],
             violations,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            name: config.model_name.into(),
+            registry,
+            next_session: AtomicU64::new(1),
         })
     }
 
@@ -271,12 +324,90 @@ impl Engine {
         if c.waiting >= self.queue_limit {
             return Err(EngineError::QueueFull(c.waiting));
         }
+        if let Some(s) = &req.session {
+            if s.model != self.instance {
+                return Err(EngineError::SessionOfAnotherModel {
+                    session: s.to_string(),
+                    model: self.name.to_string(),
+                    instance: self.instance,
+                });
+            }
+            match session::lock(&self.registry).start_turn(s.id) {
+                None => return Err(EngineError::UnknownSession(s.to_string())),
+                Some(false) => return Err(EngineError::SessionBusy(s.to_string())),
+                Some(true) => {}
+            }
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.tx
-            .send(Msg::Submit(id, req, tx))
-            .map_err(|_| EngineError::Stopped)?;
+        let session = req.session.clone();
+        if self.tx.send(Msg::Submit(id, req, tx)).is_err() {
+            if let Some(s) = session {
+                session::lock(&self.registry).end_turn(s.id);
+            }
+            return Err(EngineError::Stopped);
+        }
         Ok(RequestHandle { id, events: rx })
+    }
+
+    /// This engine's instance number (sessions name it).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// A new session bound to this model; its prefixes are shared only
+    /// within `salt`.
+    pub fn create_session(&self, salt: Option<Vec<u8>>) -> Result<SessionId, EngineError> {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        session::lock(&self.registry).create(id);
+        self.tx
+            .send(Msg::CreateSession(id, salt))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(SessionId {
+            model: self.instance,
+            model_name: self.name.clone(),
+            id,
+        })
+    }
+
+    /// Ends a session. Safe while its turn runs: the turn is aborted and
+    /// its blocks wait in quarantine for the steps still using them.
+    pub fn destroy_session(&self, s: &SessionId) -> Result<(), EngineError> {
+        if s.model != self.instance {
+            return Err(EngineError::SessionOfAnotherModel {
+                session: s.to_string(),
+                model: self.name.to_string(),
+                instance: self.instance,
+            });
+        }
+        if !session::lock(&self.registry).remove(s.id) {
+            return Err(EngineError::UnknownSession(s.to_string()));
+        }
+        let (tx, rx) = std_mpsc::channel();
+        self.tx
+            .send(Msg::DestroySession(s.id, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        let _ = rx.recv();
+        Ok(())
+    }
+
+    /// A dump of the scheduler's state (requests, sessions, pool), for
+    /// diagnosing a stuck run.
+    pub fn debug_state(&self) -> String {
+        let (tx, rx) = std_mpsc::channel();
+        if self.tx.send(Msg::Debug(tx)).is_err() {
+            return "the engine has stopped".into();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let (tx, rx) = std_mpsc::channel();
+        if self.tx.send(Msg::ListSessions(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
     }
 
     /// Blocks until no request is live and no step is in flight.

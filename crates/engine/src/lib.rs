@@ -14,8 +14,10 @@ mod engine;
 mod executor;
 mod request;
 mod scheduler;
+mod session;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};
 pub use request::{Event, FinishReason, Request, RequestHandle, StopConditions, Usage};
 pub use scheduler::{Counters, SchedulerConfig};
+pub use session::{SessionId, SessionInfo};

@@ -26,8 +26,11 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// When to stop.
     pub stop: StopConditions,
-    /// Prefixes are shared only between requests with the same salt.
+    /// Prefixes are shared only between requests with the same salt
+    /// (ignored for a session's turn: the session keeps its creation salt).
     pub cache_salt: Option<Vec<u8>>,
+    /// Continue this session: `prompt` is appended to its conversation.
+    pub session: Option<crate::SessionId>,
 }
 
 /// Why a sequence ended.

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::executor::{Step, StepResult, StepSeq};
 use crate::request::{Event, FinishReason, Request, Usage};
+use crate::session::{self, Session, SessionInfo, SharedRegistry};
 
 /// Scheduling limits.
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +97,8 @@ struct Seq {
     cached_tokens: Option<usize>,
     finished: bool,
     events: mpsc::UnboundedSender<Event>,
+    /// The session this request is a turn of.
+    session: Option<u64>,
 }
 
 impl Seq {
@@ -126,6 +129,10 @@ pub(crate) struct Scheduler {
     fresh: Vec<BlockId>,
     /// The current step's accesses (sanitizer).
     accesses: Vec<(BlockId, Generation, Access)>,
+    sessions: HashMap<u64, Session>,
+    registry: SharedRegistry,
+    /// Idle sessions give up their pins after this long.
+    session_ttl: std::time::Duration,
 }
 
 impl Scheduler {
@@ -138,6 +145,8 @@ impl Scheduler {
         context: usize,
         eos: Vec<TokenId>,
         config: SchedulerConfig,
+        registry: SharedRegistry,
+        session_ttl: std::time::Duration,
     ) -> Self {
         Self {
             cache,
@@ -155,6 +164,127 @@ impl Scheduler {
             last_done: Epoch::ZERO,
             fresh: Vec::new(),
             accesses: Vec::new(),
+            sessions: HashMap::new(),
+            registry,
+            session_ttl,
+        }
+    }
+
+    /// Requests, sessions and pool, one line each.
+    pub(crate) fn debug_state(&self) -> String {
+        use std::fmt::Write;
+        let g = self.cache.lock();
+        let mut out = format!("{:?}\n", g.stats());
+        for (what, ids) in [
+            ("waiting", self.waiting.iter().copied().collect::<Vec<_>>()),
+            ("running", self.running.clone()),
+        ] {
+            for id in ids {
+                let s = &self.seqs[&id];
+                let lease = s.lease.as_ref().map(|l| {
+                    (
+                        g.table(l.id()).map(<[_]>::len).unwrap_or(0),
+                        g.len_tokens(l.id()).unwrap_or(0),
+                    )
+                });
+                let _ = writeln!(
+                    out,
+                    "{what} {id}: tokens {} computed {} outstanding {} lease (blocks, slots) {lease:?} session {:?}",
+                    s.tokens.len(),
+                    s.computed,
+                    s.outstanding,
+                    s.session
+                );
+            }
+        }
+        for (id, s) in &self.sessions {
+            let _ = writeln!(
+                out,
+                "session {id}: tokens {} pinned {} turn {:?}",
+                s.tokens.len(),
+                s.lease.is_some(),
+                s.turn
+            );
+        }
+        out
+    }
+
+    /// A new session with an empty conversation.
+    pub(crate) fn create_session(&mut self, id: u64, salt: Option<Vec<u8>>) {
+        let root = self.hasher.root(ExtraKeys {
+            model_fingerprint: &self.fingerprint,
+            cache_salt: salt.as_deref(),
+        });
+        self.sessions.insert(
+            id,
+            Session {
+                tokens: Vec::new(),
+                root,
+                lease: None,
+                turn: None,
+                last_used: std::time::Instant::now(),
+            },
+        );
+    }
+
+    /// Ends a session; a running turn is aborted (its blocks wait in
+    /// quarantine for the steps still using them).
+    pub(crate) fn destroy_session(&mut self, id: u64) -> bool {
+        let Some(s) = self.sessions.get(&id) else {
+            return false;
+        };
+        if let Some(turn) = s.turn {
+            self.counters.aborted += 1;
+            self.finish(turn, FinishReason::Abort);
+        }
+        self.sessions.remove(&id);
+        true
+    }
+
+    /// The live sessions.
+    pub(crate) fn session_infos(&self) -> Vec<SessionInfo> {
+        let mut v: Vec<SessionInfo> = self
+            .sessions
+            .iter()
+            .map(|(&id, s)| SessionInfo {
+                id,
+                tokens: s.tokens.len(),
+                pinned: s.lease.is_some()
+                    || s.turn
+                        .and_then(|t| self.seqs.get(&t))
+                        .is_some_and(|q| q.lease.is_some()),
+                busy: s.turn.is_some(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Unpins sessions idle for longer than the time-to-live: their full
+    /// blocks stay cached, the partial tail is recomputed next turn.
+    pub(crate) fn unpin_expired(&mut self) {
+        let now = std::time::Instant::now();
+        for s in self.sessions.values_mut() {
+            if s.turn.is_none() && now.duration_since(s.last_used) >= self.session_ttl {
+                s.lease = None;
+            }
+        }
+    }
+
+    /// Under block pressure: unpins the least recently used idle session.
+    fn unpin_one_idle(&mut self, g: &mut PoolGuard<'_>) -> Result<bool, KvError> {
+        // Pins at rest in a session: idle, or its turn not admitted yet.
+        let lru = self
+            .sessions
+            .values_mut()
+            .filter(|s| s.lease.is_some())
+            .min_by_key(|s| s.last_used);
+        match lru.and_then(|s| s.lease.take()) {
+            Some(lease) => {
+                g.release(lease)?;
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
@@ -168,26 +298,61 @@ impl Scheduler {
 
     /// Queues a request the engine has validated.
     pub(crate) fn add(&mut self, id: u64, req: Request, events: mpsc::UnboundedSender<Event>) {
-        let root = self.hasher.root(ExtraKeys {
+        let mut root = self.hasher.root(ExtraKeys {
             model_fingerprint: &self.fingerprint,
             cache_salt: req.cache_salt.as_deref(),
         });
+        let mut tokens = req.prompt;
+        let lease = None;
+        let session = req.session.map(|s| s.id);
+        if let Some(sid) = session {
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                let _ = events.send(Event::Finished {
+                    reason: FinishReason::Error(format!("session {sid} was destroyed")),
+                    usage: Usage::default(),
+                });
+                return;
+            };
+            let mut all = s.tokens.clone();
+            all.extend_from_slice(&tokens);
+            tokens = all;
+            root = s.root;
+            // The session keeps its pins until the turn is admitted: a
+            // waiting request holds none (or two waiting turns could each
+            // hold what the other needs).
+            s.turn = Some(id);
+        }
+        if tokens.len() >= self.context {
+            // A session's conversation can outgrow the context.
+            if let Some(sid) = session {
+                self.end_turn(sid, None, None);
+            }
+            let _ = events.send(Event::Finished {
+                reason: FinishReason::Error(format!(
+                    "the conversation has {} tokens; this model's maximum context length is {} tokens",
+                    tokens.len(),
+                    self.context
+                )),
+                usage: Usage::default(),
+            });
+            return;
+        }
         let max_tokens = req
             .stop
             .max_tokens
             .unwrap_or(usize::MAX)
-            .min(self.context - req.prompt.len());
+            .min(self.context - tokens.len());
         let mut stops = req.stop.stop_token_ids.clone();
         if !req.stop.ignore_eos {
             stops.extend_from_slice(&self.eos);
         }
         let seq = Seq {
             id,
-            prompt_len: req.prompt.len(),
-            tokens: req.prompt,
+            prompt_len: tokens.len(),
+            tokens,
             computed: 0,
             outstanding: 0,
-            lease: None,
+            lease,
             root,
             sampling: req.sampling,
             sampler_sent: false,
@@ -197,6 +362,7 @@ impl Scheduler {
             cached_tokens: None,
             finished: false,
             events,
+            session,
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
@@ -254,6 +420,7 @@ impl Scheduler {
         let epoch = g.next_epoch();
         let mut budget = self.config.max_step_tokens;
         let mut seqs = Vec::new();
+        let preemptions_before = self.counters.preemptions;
         // Decode rows first (one token each), oldest first; then prefill.
         for decode in [true, false] {
             let mut i = 0;
@@ -277,15 +444,19 @@ impl Scheduler {
                     }
                     Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
                     Planned::NoBlocks => {
-                        // Out of blocks: the newest running request not in
-                        // this step gives its blocks back (maybe this one).
+                        // Out of blocks: an idle session's pins go first.
+                        if self.unpin_one_idle(&mut g)? {
+                            continue;
+                        }
+                        // Then the newest running request not in this step
+                        // gives its blocks back (maybe this one).
                         let victim = *self
                             .running
                             .iter()
                             .rev()
                             .find(|v| !seqs.iter().any(|r| r.seq == **v))
                             .expect("the current request is not in the step yet");
-                        self.preempt(victim);
+                        self.preempt(&mut g, victim)?;
                         if victim == id {
                             continue;
                         }
@@ -293,8 +464,10 @@ impl Scheduler {
                 }
             }
         }
-        // Admission, first come first served.
-        while budget > 0 && self.running.len() < self.config.max_running {
+        // Admission, first come first served; not in a step that had to
+        // preempt (the blocks just freed are for the running requests).
+        let preempted = self.counters.preemptions > preemptions_before;
+        while !preempted && budget > 0 && self.running.len() < self.config.max_running {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
@@ -335,29 +508,74 @@ impl Scheduler {
             // Preempted with a sample still coming back: wait for it.
             return Ok(false);
         }
-        let mut seq = self.hasher.sequence(s.root);
-        seq.extend(&s.tokens);
-        let (lease, hit) = g.lookup_and_pin(OwnerTag(id), &seq)?;
-        if hit.pending.is_some() {
-            self.counters.waits_for_pending += 1;
-            return Ok(false);
-        }
-        let need = s.tokens.len().div_ceil(self.block_size) - hit.blocks;
-        match g.allocate(&lease, need) {
-            Ok(_) => {}
-            Err(KvError::OutOfBlocks { .. }) => return Ok(false),
-            Err(e) => return Err(e),
+        // A session's turn takes the session's pinned blocks.
+        let carried = s
+            .session
+            .and_then(|sid| self.sessions.get_mut(&sid))
+            .and_then(|x| x.lease.take());
+        let s = self.seqs.get_mut(&id).expect("waiting requests exist");
+        let from_session = carried.is_some();
+        let (lease, hit_blocks, hit_tokens) = match carried {
+            Some(lease) => {
+                let t = g.len_tokens(lease.id())?;
+                let b = g.table(lease.id())?.len();
+                (lease, b, t)
+            }
+            None => {
+                let mut seq = self.hasher.sequence(s.root);
+                seq.extend(&s.tokens);
+                let (lease, hit) = g.lookup_and_pin(OwnerTag(id), &seq)?;
+                if hit.pending.is_some() {
+                    self.counters.waits_for_pending += 1;
+                    return Ok(false);
+                }
+                (lease, hit.blocks, hit.tokens)
+            }
+        };
+        let need = s.tokens.len().div_ceil(self.block_size) - hit_blocks;
+        // Keep a block of headroom per running request for its decode, so
+        // a new admission does not force the next step to preempt.
+        let reserve = self.running.len();
+        loop {
+            let short = g.free_blocks() < need + reserve;
+            let result = if short {
+                Err(KvError::OutOfBlocks {
+                    needed: need + reserve,
+                    free: g.free_blocks(),
+                })
+            } else {
+                g.allocate(&lease, need)
+            };
+            match result {
+                Ok(_) => break,
+                Err(KvError::OutOfBlocks { .. }) => {
+                    if self.unpin_one_idle(g)? {
+                        continue;
+                    }
+                    // Wait, holding nothing; a session's pins go back to
+                    // the session (where pressure may take them).
+                    if from_session {
+                        let sid = self.seqs[&id].session.expect("a session's turn");
+                        if let Some(x) = self.sessions.get_mut(&sid) {
+                            x.lease = Some(lease);
+                        }
+                    }
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
         }
         if self.config.sanitize {
             self.fresh
-                .extend_from_slice(&g.table(lease.id())?[hit.blocks..]);
+                .extend_from_slice(&g.table(lease.id())?[hit_blocks..]);
         }
-        s.computed = hit.tokens;
+        let s = self.seqs.get_mut(&id).expect("waiting requests exist");
+        s.computed = hit_tokens;
         s.lease = Some(lease);
         if s.cached_tokens.is_none() {
-            s.cached_tokens = Some(hit.tokens);
+            s.cached_tokens = Some(hit_tokens);
             let _ = s.events.send(Event::Admitted {
-                cached_tokens: hit.tokens,
+                cached_tokens: hit_tokens,
             });
         }
         Ok(true)
@@ -453,15 +671,19 @@ impl Scheduler {
         }))
     }
 
-    /// Gives a running request's blocks back and re-queues it in its place.
-    fn preempt(&mut self, id: u64) {
+    /// Gives a running request's blocks back (at once, so this step's
+    /// allocations can use them) and re-queues it in its place.
+    fn preempt(&mut self, g: &mut PoolGuard<'_>, id: u64) -> Result<(), KvError> {
         let s = self.seqs.get_mut(&id).expect("running requests exist");
-        s.lease = None;
+        if let Some(lease) = s.lease.take() {
+            g.release(lease)?;
+        }
         s.computed = 0;
         self.running.retain(|&r| r != id);
         let at = self.waiting.partition_point(|&w| w < id);
         self.waiting.insert(at, id);
         self.counters.preemptions += 1;
+        Ok(())
     }
 
     /// Applies a step's results: tokens to clients, finished requests.
@@ -514,6 +736,18 @@ impl Scheduler {
     fn finish(&mut self, id: u64, reason: FinishReason) {
         let s = self.seqs.get_mut(&id).expect("finishing a known request");
         s.finished = true;
+        if let Some(sid) = s.session {
+            // A completed turn hands its blocks and tokens to the session;
+            // an aborted or failed one leaves the session as it was.
+            let (tokens, lease) = match reason {
+                FinishReason::Stop | FinishReason::Length => {
+                    (Some(s.tokens.clone()), s.lease.take())
+                }
+                _ => (None, None),
+            };
+            self.end_turn(sid, tokens, lease);
+        }
+        let s = self.seqs.get_mut(&id).expect("finishing a known request");
         // Blocks a planned step still uses wait in quarantine for its epoch.
         s.lease = None;
         let usage = Usage {
@@ -529,6 +763,19 @@ impl Scheduler {
             self.retire.push(id);
         }
         self.forget_if_done(id);
+    }
+
+    /// A session's turn is over: it keeps `tokens` and `lease` if given.
+    fn end_turn(&mut self, sid: u64, tokens: Option<Vec<TokenId>>, lease: Option<Lease>) {
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.turn = None;
+            s.last_used = std::time::Instant::now();
+            if let Some(t) = tokens {
+                s.tokens = t;
+                s.lease = lease;
+            }
+        }
+        session::lock(&self.registry).end_turn(sid);
     }
 
     fn forget_if_done(&mut self, id: u64) {

@@ -33,6 +33,7 @@ pub(crate) struct Setup {
     pub(crate) block_size: usize,
     pub(crate) step_tokens: usize,
     pub(crate) max_running: usize,
+    pub(crate) name: &'static str,
 }
 
 impl Default for Setup {
@@ -42,6 +43,7 @@ impl Default for Setup {
             block_size: 4,
             step_tokens: 64,
             max_running: 16,
+            name: "a",
         }
     }
 }
@@ -64,6 +66,8 @@ pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
                 sanitize: true,
             },
             queue_limit: 1024,
+            model_name: format!("tiny-{}", s.name),
+            session_ttl: std::time::Duration::from_secs(3600),
         },
     )
     .unwrap()
@@ -80,6 +84,7 @@ pub(crate) fn greedy(prompt: Vec<TokenId>, n: usize) -> Request {
             ..StopConditions::default()
         },
         cache_salt: None,
+        session: None,
     }
 }
 

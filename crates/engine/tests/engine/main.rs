@@ -5,4 +5,5 @@
 mod fake;
 mod fixture;
 mod requests;
+mod sessions;
 mod stress;

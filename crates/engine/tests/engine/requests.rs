@@ -97,6 +97,7 @@ fn preemption_under_a_small_pool_keeps_every_output_exact() {
             block_size: 4,
             step_tokens: 32,
             max_running: 8,
+            ..Setup::default()
         },
     );
     let prompts: Vec<Vec<TokenId>> = (0..4).map(|i| prompt(0, 10 + i, 40 + i as u32)).collect();

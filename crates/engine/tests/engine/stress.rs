@@ -10,7 +10,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_engine::{
-    Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig,
+    Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig, SessionId,
     StopConditions,
 };
 use strata_kv::TokenId;
@@ -21,7 +21,11 @@ use crate::fixture::assert_whole;
 
 struct Live {
     handle: RequestHandle,
+    /// What the model sees before the first generated token: a session's
+    /// conversation so far, then the prompt.
     prompt: Vec<TokenId>,
+    /// The index of the session this is a turn of.
+    session: Option<usize>,
     got: Vec<TokenId>,
     /// Disconnect after this many tokens.
     drop_after: Option<usize>,
@@ -43,9 +47,16 @@ fn verify(l: &Live, reason: &FinishReason) {
     match reason {
         FinishReason::Stop => assert_eq!(l.got.last(), Some(&TokenId::new(2))),
         FinishReason::Length => assert_eq!(l.got.len(), l.max_tokens),
-        FinishReason::Error(e) => assert!(e.contains("failed"), "{e}"),
-        FinishReason::Abort => panic!("aborted without a disconnect"),
+        FinishReason::Error(e) => assert!(e.contains("failed") || e.contains("context"), "{e}"),
+        FinishReason::Abort => assert!(l.session.is_some(), "aborted without a disconnect"),
     }
+}
+
+/// A session as the test sees it.
+struct Sess {
+    id: SessionId,
+    history: Vec<TokenId>,
+    busy: bool,
 }
 
 #[test]
@@ -75,6 +86,8 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 sanitize: true,
             },
             queue_limit: 1 << 20,
+            model_name: "fake".into(),
+            session_ttl: std::time::Duration::from_secs(3600),
         },
     )
     .unwrap();
@@ -87,8 +100,26 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
         })
         .collect();
     let mut live: Vec<Live> = Vec::new();
+    let mut sessions: Vec<Option<Sess>> = Vec::new();
     let (mut finished, mut disconnected, mut errors) = (0u64, 0u64, 0u64);
+    let (mut turns, mut destroyed) = (0u64, 0u64);
     while engine.stats().counters.steps < steps {
+        // Sessions come and go, some while their turn runs.
+        if rng.random_bool(0.02) && sessions.iter().flatten().count() < 4 {
+            let id = engine.create_session(None).unwrap();
+            sessions.push(Some(Sess {
+                id,
+                history: Vec::new(),
+                busy: false,
+            }));
+        }
+        if rng.random_bool(0.01) && !sessions.is_empty() {
+            let k = rng.random_range(0..sessions.len());
+            if let Some(sess) = sessions[k].take() {
+                engine.destroy_session(&sess.id).unwrap();
+                destroyed += 1;
+            }
+        }
         while live.len() < 16 {
             let mut prompt = prefixes[rng.random_range(0..prefixes.len())].clone();
             prompt.extend(
@@ -96,6 +127,27 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                     .map(|_| TokenId::new(rng.random_range(3..VOCAB as u32))),
             );
             let max_tokens = rng.random_range(1..40);
+            let idle: Vec<usize> = (0..sessions.len())
+                .filter(|&k| sessions[k].as_ref().is_some_and(|s| !s.busy))
+                .collect();
+            let turn = (!idle.is_empty() && rng.random_bool(0.3))
+                .then(|| idle[rng.random_range(0..idle.len())]);
+            let mut context = Vec::new();
+            let mut session = None;
+            if let Some(k) = turn {
+                let sess = sessions[k].as_mut().unwrap();
+                if sess.history.len() > 100 {
+                    // Long conversations start over in a new session.
+                    engine.destroy_session(&sess.id).unwrap();
+                    sess.id = engine.create_session(None).unwrap();
+                    sess.history.clear();
+                }
+                sess.busy = true;
+                context = sess.history.clone();
+                session = Some(sess.id.clone());
+                prompt.truncate(6);
+                turns += 1;
+            }
             let req = Request {
                 prompt: prompt.clone(),
                 sampling: SamplingParams::greedy(),
@@ -104,12 +156,19 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                     ..StopConditions::default()
                 },
                 cache_salt: rng.random_bool(0.3).then(|| b"other tenant".to_vec()),
+                session,
             };
+            context.extend_from_slice(&prompt);
             live.push(Live {
                 handle: engine.submit(req).unwrap(),
-                prompt,
+                prompt: context,
+                session: turn,
                 got: Vec::new(),
-                drop_after: rng.random_bool(0.15).then(|| rng.random_range(0..8)),
+                // A session turn is not disconnected here: whether the
+                // turn completed just before the drop cannot be told apart
+                // (its sessions end by destruction instead).
+                drop_after: (turn.is_none() && rng.random_bool(0.15))
+                    .then(|| rng.random_range(0..8)),
                 max_tokens,
             });
         }
@@ -131,6 +190,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
             }
             if let Some(reason) = done {
                 verify(l, &reason);
+                end_turn(&mut sessions, l, &reason);
                 errors += matches!(reason, FinishReason::Error(_)) as u64;
                 finished += 1;
                 live.swap_remove(i);
@@ -144,18 +204,36 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                     history.push(*t);
                 }
                 disconnected += 1;
+                end_turn(&mut sessions, l, &FinishReason::Abort);
                 live.swap_remove(i);
                 continue;
             }
             i += 1;
         }
         if !progressed && let Some(l) = live.first_mut() {
-            // Nothing ready: wait for the oldest request's next event.
-            if let Some(e) = l.handle.recv_blocking() {
+            // Nothing ready: wait for the oldest request's next event, with
+            // a watchdog that dumps the engine's state if it never comes.
+            let start = std::time::Instant::now();
+            let next = loop {
+                match l.handle.try_recv() {
+                    Ok(e) => break Some(e),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break None,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                        assert!(
+                            start.elapsed() < std::time::Duration::from_secs(20),
+                            "no progress for 20 s:\n{}",
+                            engine.debug_state()
+                        );
+                        std::thread::yield_now();
+                    }
+                }
+            };
+            if let Some(e) = next {
                 match e {
                     Event::Token { id, .. } => l.got.push(id),
                     Event::Finished { reason, .. } => {
                         verify(l, &reason);
+                        end_turn(&mut sessions, l, &reason);
                         errors += matches!(reason, FinishReason::Error(_)) as u64;
                         finished += 1;
                         live.swap_remove(0);
@@ -166,11 +244,16 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
         }
     }
     drop(live);
+    for sess in sessions.into_iter().flatten() {
+        engine.destroy_session(&sess.id).unwrap();
+    }
+    assert!(engine.sessions().is_empty());
     assert_whole(&engine);
     let c = engine.stats().counters;
     eprintln!(
         "stress: {} steps ({} overlapped), {finished} finished, {disconnected} disconnected, \
-         {errors} failed by {} injected step failures, {} preemptions, {} waits for pending blocks",
+         {errors} failed by {} injected step failures, {} preemptions, {} waits for pending blocks, \
+         {turns} session turns, {destroyed} sessions destroyed",
         c.steps,
         c.overlapped_steps,
         failures.load(std::sync::atomic::Ordering::Relaxed),
@@ -178,9 +261,22 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
         c.waits_for_pending
     );
     assert!(c.preemptions > 0, "{c:?}");
-    assert!(disconnected > 0 && finished > 0);
+    assert!(disconnected > 0 && finished > 0 && turns > 0 && destroyed > 0);
     assert!(
         c.overlapped_steps * 2 > c.steps,
         "most steps overlap under load: {c:?}"
     );
+}
+
+/// A session's turn ended: a completed one extends the conversation; an
+/// aborted or failed one leaves it as it was. Long conversations start over.
+fn end_turn(sessions: &mut [Option<Sess>], l: &Live, reason: &FinishReason) {
+    let Some(sess) = l.session.and_then(|k| sessions[k].as_mut()) else {
+        return;
+    };
+    sess.busy = false;
+    if matches!(reason, FinishReason::Stop | FinishReason::Length) {
+        sess.history = l.prompt.clone();
+        sess.history.extend_from_slice(&l.got);
+    }
 }

@@ -1,0 +1,97 @@
+//! Sessions: named conversations bound to one model instance, whose blocks
+//! stay pinned between turns so a follow-up turn prefills only its new
+//! tokens.
+//!
+//! The registry here is what `submit` checks synchronously (existence, the
+//! model, one turn at a time); the tokens and the lease live with the
+//! scheduler, which moves the lease into a turn's sequence at admission and
+//! back when the turn ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use strata_kv::{ChainRoot, Lease, TokenId};
+
+/// A session's identity: the model instance it belongs to, and its number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionId {
+    /// The engine instance (model) the session is bound to.
+    pub model: u64,
+    /// That model's name, for errors.
+    pub model_name: Arc<str>,
+    /// The session's number within its model.
+    pub id: u64,
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "session {} of model '{}'", self.id, self.model_name)
+    }
+}
+
+/// What the engine reports about a live session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The session.
+    pub id: u64,
+    /// Tokens of the conversation so far.
+    pub tokens: usize,
+    /// Whether its blocks are pinned now (else they are only cached).
+    pub pinned: bool,
+    /// Whether a turn is running.
+    pub busy: bool,
+}
+
+/// The synchronous side: which sessions exist and which have a turn running.
+#[derive(Default)]
+pub(crate) struct Registry {
+    busy: HashMap<u64, bool>,
+}
+
+pub(crate) type SharedRegistry = Arc<Mutex<Registry>>;
+
+pub(crate) fn lock(r: &SharedRegistry) -> MutexGuard<'_, Registry> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    pub(crate) fn create(&mut self, id: u64) {
+        self.busy.insert(id, false);
+    }
+
+    /// Marks a turn started; `None` if there is no such session, `Some(false)`
+    /// if a turn is already running.
+    pub(crate) fn start_turn(&mut self, id: u64) -> Option<bool> {
+        let busy = self.busy.get_mut(&id)?;
+        if *busy {
+            return Some(false);
+        }
+        *busy = true;
+        Some(true)
+    }
+
+    pub(crate) fn end_turn(&mut self, id: u64) {
+        if let Some(b) = self.busy.get_mut(&id) {
+            *b = false;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> bool {
+        self.busy.remove(&id).is_some()
+    }
+}
+
+/// The scheduler's side of a session.
+pub(crate) struct Session {
+    /// The conversation's tokens.
+    pub(crate) tokens: Vec<TokenId>,
+    /// Its chain root (the salt it was created with).
+    pub(crate) root: ChainRoot,
+    /// Its blocks, pinned between turns; `None` while a turn runs (the
+    /// turn's sequence holds it) or after an idle unpin.
+    pub(crate) lease: Option<Lease>,
+    /// The running turn's request id.
+    pub(crate) turn: Option<u64>,
+    pub(crate) last_used: Instant,
+}
