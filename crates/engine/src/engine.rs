@@ -391,6 +391,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Drops every free cached block from the prefix index (an operator's
+    /// cache clear); blocks that are pinned or waiting in quarantine are
+    /// never touched. Returns how many were dropped.
+    pub fn clear_prefix_cache(&self) -> usize {
+        self.cache.lock().evict_cached(usize::MAX).len()
+    }
+
     /// A dump of the scheduler's state (requests, sessions, pool), for
     /// diagnosing a stuck run.
     pub fn debug_state(&self) -> String {

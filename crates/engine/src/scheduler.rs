@@ -54,6 +54,8 @@ pub struct Counters {
     pub steps: u64,
     /// Steps planned while another step was running.
     pub overlapped_steps: u64,
+    /// Steps whose results have been applied.
+    pub results: u64,
     /// Rows (tokens) computed.
     pub rows: u64,
     /// Requests preempted (their blocks given back, re-queued).
@@ -693,6 +695,7 @@ impl Scheduler {
             "step results arrive in epoch order"
         );
         self.last_done = r.epoch;
+        self.counters.results += 1;
         for (id, e) in r.failed {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.outstanding = s.outstanding.saturating_sub(1);

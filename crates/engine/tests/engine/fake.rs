@@ -93,3 +93,25 @@ impl Runner for FakeRunner {
         self.slots[b..b + self.bs].fill(POISON);
     }
 }
+
+/// Holds each step at the executor until the test lets it run: the test
+/// chooses the interleaving of planning, completion and release.
+pub(crate) struct Gated<R> {
+    pub(crate) inner: R,
+    pub(crate) entered: std::sync::mpsc::Sender<usize>,
+    pub(crate) go: std::sync::mpsc::Receiver<()>,
+}
+
+impl<R: Runner> Runner for Gated<R> {
+    fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        let _ = self.entered.send(batch.len());
+        if self.go.recv().is_err() {
+            return Err("the test ended".into());
+        }
+        self.inner.forward(batch)
+    }
+
+    fn poison(&mut self, block: BlockId) {
+        self.inner.poison(block);
+    }
+}

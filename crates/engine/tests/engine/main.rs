@@ -4,6 +4,7 @@
 
 mod fake;
 mod fixture;
+mod regressions;
 mod requests;
 mod sessions;
 mod stress;
