@@ -86,6 +86,8 @@ pub(crate) struct StepResult {
     pub(crate) samples: Vec<(u64, Sampled)>,
     /// Sequences of the step that failed, with why.
     pub(crate) failed: Vec<(u64, String)>,
+    /// Time spent running it.
+    pub(crate) nanos: u64,
 }
 
 /// Per-sequence state that lives with the executor.
@@ -126,6 +128,7 @@ impl<R: Runner> Executor<R> {
 
     /// Runs one step and reports its epoch to the KV core.
     pub(crate) fn run(&mut self, step: Step) -> StepResult {
+        let t0 = std::time::Instant::now();
         for id in &step.retire {
             self.samplers.remove(id);
             self.last.remove(id);
@@ -213,6 +216,7 @@ impl<R: Runner> Executor<R> {
             epoch: step.epoch,
             samples,
             failed,
+            nanos: t0.elapsed().as_nanos() as u64,
         }
     }
 }

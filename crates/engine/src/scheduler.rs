@@ -56,6 +56,13 @@ pub struct Counters {
     pub overlapped_steps: u64,
     /// Steps whose results have been applied.
     pub results: u64,
+    /// Nanoseconds the executor spent running steps (forward and sampling).
+    pub step_nanos: u64,
+    /// Nanoseconds the scheduler spent planning steps and applying their
+    /// results (its overhead).
+    pub schedule_nanos: u64,
+    /// Sequences summed over planned steps (mean batch = this / steps).
+    pub batch_seqs: u64,
     /// Rows (tokens) computed.
     pub rows: u64,
     /// Requests preempted (their blocks given back, re-queued).
@@ -417,6 +424,7 @@ impl Scheduler {
         if !self.has_work() {
             return Ok(None);
         }
+        let t0 = std::time::Instant::now();
         let cache = self.cache.clone();
         let mut g = cache.lock();
         let epoch = g.next_epoch();
@@ -492,6 +500,8 @@ impl Scheduler {
         self.counters.steps += 1;
         self.counters.overlapped_steps += overlapped as u64;
         self.counters.rows += (self.config.max_step_tokens - budget) as u64;
+        self.counters.batch_seqs += seqs.len() as u64;
+        self.counters.schedule_nanos += t0.elapsed().as_nanos() as u64;
         Ok(Some(Step {
             epoch,
             seqs,
@@ -696,6 +706,8 @@ impl Scheduler {
         );
         self.last_done = r.epoch;
         self.counters.results += 1;
+        self.counters.step_nanos += r.nanos;
+        let t0 = std::time::Instant::now();
         for (id, e) in r.failed {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.outstanding = s.outstanding.saturating_sub(1);
@@ -734,6 +746,7 @@ impl Scheduler {
                 self.finish(id, reason);
             }
         }
+        self.counters.schedule_nanos += t0.elapsed().as_nanos() as u64;
     }
 
     fn finish(&mut self, id: u64, reason: FinishReason) {
