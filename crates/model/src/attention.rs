@@ -80,15 +80,6 @@ impl<'a> PagedKv<'a> {
 /// depends only on its own position, never on the batch.
 pub const SPAN: usize = 256;
 
-/// One task: `row` over positions `lo..hi` of KV head `kv_head`.
-#[derive(Clone, Copy)]
-struct Task {
-    row: u32,
-    kv_head: u32,
-    lo: u32,
-    hi: u32,
-}
-
 impl KvStore for PagedKv<'_> {
     fn store(&mut self, layer: usize, row: Row, k: &[f32], v: &[f32]) {
         let bs = self.arena.layout().block_size;
@@ -105,68 +96,96 @@ impl KvStore for PagedKv<'_> {
         let group = heads / kv_heads;
         let width = heads * hd;
         let chunk = group * hd;
-        // Tasks in (row, KV head, span) order; `first[i]` is the first task of
+        // Results in (row, KV head, span) order; `first[i]` is the first of
         // output chunk i = row * kv_heads + kv_head.
-        let mut tasks = Vec::new();
         let mut first = Vec::with_capacity(rows.len() * kv_heads + 1);
-        for (r, row) in rows.iter().enumerate() {
-            let n = row.pos + 1;
-            for g in 0..kv_heads {
-                first.push(tasks.len());
-                for lo in (0..n).step_by(SPAN) {
-                    tasks.push(Task {
-                        row: r as u32,
-                        kv_head: g as u32,
-                        lo: lo as u32,
-                        hi: (lo + SPAN).min(n) as u32,
-                    });
-                }
+        let mut items = 0;
+        for row in rows {
+            for _ in 0..kv_heads {
+                first.push(items);
+                items += (row.pos + 1).div_ceil(SPAN);
             }
         }
-        first.push(tasks.len());
-        // Per task: G maxima, G sums, then G unnormalized outputs.
+        first.push(items);
+        // Per (row, head, span): G maxima, G sums, then G unnormalized outputs.
         let part = group * (hd + 2);
-        let mut parts = vec![0f32; tasks.len() * part];
-        let run = |(t, p): (&Task, &mut [f32])| {
-            let r = t.row as usize;
-            let g = t.kv_head as usize;
-            let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
-            attend_paged_span(
+        let mut parts = vec![0f32; items * part];
+        // Jobs: consecutive rows of one sequence (a prefill chunk) share
+        // each span's K and V, widened once; every row still runs
+        // `attend_span` on exactly its own positions, so its bits do not
+        // depend on the job.
+        let mut jobs = Vec::new();
+        let mut r = 0;
+        while r < rows.len() {
+            let mut end = r + 1;
+            while end < rows.len()
+                && end - r < ROWS_PER_JOB
+                && rows[end].seq == rows[r].seq
+                && rows[end].pos == rows[end - 1].pos + 1
+            {
+                end += 1;
+            }
+            let n = rows[end - 1].pos + 1;
+            for g in 0..kv_heads {
+                for lo in (0..n).step_by(SPAN) {
+                    jobs.push((r..end, g, lo));
+                }
+            }
+            r = end;
+        }
+        let run = |(rs, g, lo): &(std::ops::Range<usize>, usize, usize)| {
+            let (g, lo) = (*g, *lo);
+            let last = rows[rs.end - 1].pos + 1;
+            let hi = (lo + SPAN).min(last);
+            let (k, v) = gather_span(
                 self.arena,
-                self.tables[rows[r].seq],
+                self.tables[rows[rs.start].seq],
                 layer,
                 g,
-                t.lo as usize..t.hi as usize,
-                qg,
-                group,
+                lo..hi,
                 hd,
-                p,
             );
+            let mut out = Vec::new();
+            for r in rs.clone() {
+                let n = rows[r].pos + 1;
+                if n <= lo {
+                    continue;
+                }
+                let len = ((lo + SPAN).min(n) - lo) * hd;
+                let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
+                let mut p = vec![0f32; part];
+                attend_span(qg, &k[..len], &v[..len], hd, group, hd, &mut p);
+                out.push((first[r * kv_heads + g] + lo / SPAN, p));
+            }
+            out
         };
         let merge = |parts: &[f32], (i, o): (usize, &mut [f32])| {
             merge_spans(&parts[first[i] * part..first[i + 1] * part], group, hd, o);
         };
+        let done: Vec<Vec<(usize, Vec<f32>)>> = match self.pool {
+            Some(pool) => pool.install(|| jobs.par_iter().with_max_len(1).map(run).collect()),
+            None => jobs.iter().map(run).collect(),
+        };
+        for (i, p) in done.into_iter().flatten() {
+            parts[i * part..(i + 1) * part].copy_from_slice(&p);
+        }
         match self.pool {
             Some(pool) => pool.install(|| {
-                tasks
-                    .par_iter()
-                    .zip(parts.par_chunks_mut(part))
-                    .with_max_len(1)
-                    .for_each(run);
                 let parts = &parts;
                 out.par_chunks_mut(chunk)
                     .enumerate()
                     .for_each(|x| merge(parts, x));
             }),
-            None => {
-                tasks.iter().zip(parts.chunks_mut(part)).for_each(run);
-                out.chunks_mut(chunk)
-                    .enumerate()
-                    .for_each(|x| merge(&parts, x));
-            }
+            None => out
+                .chunks_mut(chunk)
+                .enumerate()
+                .for_each(|x| merge(&parts, x)),
         }
     }
 }
+
+/// Rows of one sequence that share a job's widened K and V.
+const ROWS_PER_JOB: usize = 32;
 
 /// Combines a row's span results (from [`attend_span`], in span order) into
 /// its G heads' outputs.
@@ -195,20 +214,16 @@ pub fn merge_spans(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
-/// The paged side of one task: gathers the span's K and V rows of one KV
-/// head from the blocks (f16 to f32) and runs [`attend_span`] on them.
-#[allow(clippy::too_many_arguments)]
-fn attend_paged_span(
+/// The paged side of a job: the K and V rows of positions `span` of one KV
+/// head, gathered from the blocks and widened to f32.
+fn gather_span(
     arena: &Arena,
     table: &[BlockId],
     layer: usize,
     kv_head: usize,
     span: std::ops::Range<usize>,
-    q: &[f32],
-    group: usize,
     hd: usize,
-    part: &mut [f32],
-) {
+) -> (Vec<f32>, Vec<f32>) {
     let bs = arena.layout().block_size;
     let n = span.len();
     let mut k = vec![0f32; n * hd];
@@ -228,7 +243,7 @@ fn attend_paged_span(
             &mut v[at..at + len],
         );
     }
-    attend_span(q, &k, &v, hd, group, hd, part);
+    (k, v)
 }
 
 /// f16 to f32.
