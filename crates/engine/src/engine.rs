@@ -158,21 +158,18 @@ impl Engine {
             )));
         }
         let context = config.context.min((config.num_blocks - 1) * bs);
-        let hasher = BlockHasher::new(&config.hash_key, bs);
         let cache = KvCache::new(
             PoolConfig {
                 num_blocks: config.num_blocks as u32,
                 block_size: bs as u32,
             },
-            hasher.clone(),
+            BlockHasher::new(&config.hash_key, bs),
         )
         .map_err(|e| EngineError::Config(e.to_string()))?;
         let registry = SharedRegistry::default();
         let mut scheduler = Scheduler::new(
             cache.clone(),
-            hasher,
             config.model_fingerprint.clone(),
-            bs,
             context,
             config.eos.clone(),
             config.scheduler,
@@ -325,13 +322,7 @@ impl Engine {
             return Err(EngineError::QueueFull(c.waiting));
         }
         if let Some(s) = &req.session {
-            if s.model != self.instance {
-                return Err(EngineError::SessionOfAnotherModel {
-                    session: s.to_string(),
-                    model: self.name.to_string(),
-                    instance: self.instance,
-                });
-            }
+            self.own_session(s)?;
             match session::lock(&self.registry).start_turn(s.id) {
                 None => return Err(EngineError::UnknownSession(s.to_string())),
                 Some(false) => return Err(EngineError::SessionBusy(s.to_string())),
@@ -348,6 +339,18 @@ impl Engine {
             return Err(EngineError::Stopped);
         }
         Ok(RequestHandle { id, events: rx })
+    }
+
+    /// Refuses a session of another model instance, naming both.
+    fn own_session(&self, s: &SessionId) -> Result<(), EngineError> {
+        if s.model == self.instance {
+            return Ok(());
+        }
+        Err(EngineError::SessionOfAnotherModel {
+            session: s.to_string(),
+            model: self.name.to_string(),
+            instance: self.instance,
+        })
     }
 
     /// This engine's instance number (sessions name it).
@@ -373,13 +376,7 @@ impl Engine {
     /// Ends a session. Safe while its turn runs: the turn is aborted and
     /// its blocks wait in quarantine for the steps still using them.
     pub fn destroy_session(&self, s: &SessionId) -> Result<(), EngineError> {
-        if s.model != self.instance {
-            return Err(EngineError::SessionOfAnotherModel {
-                session: s.to_string(),
-                model: self.name.to_string(),
-                instance: self.instance,
-            });
-        }
+        self.own_session(s)?;
         if !session::lock(&self.registry).remove(s.id) {
             return Err(EngineError::UnknownSession(s.to_string()));
         }

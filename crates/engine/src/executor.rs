@@ -55,7 +55,8 @@ pub(crate) struct StepSeq {
     /// The input is the token the previous step sampled for `seq`, to be
     /// recorded in this slot.
     pub(crate) pending: Option<SlotRef>,
-    /// Known input tokens (empty when `pending` is set).
+    /// Known input tokens (empty when `pending` is set, until the executor
+    /// resolves it).
     pub(crate) known: Vec<TokenId>,
     pub(crate) table: Vec<BlockId>,
     /// Sample a token from the last row.
@@ -113,17 +114,18 @@ impl<R: Runner> Executor<R> {
     }
 
     /// The sanitizer's check of the step's accesses against the pool.
-    fn validate(&self, step: &Step) -> Result<(), String> {
-        if step.accesses.is_empty() {
+    fn validate(
+        &self,
+        epoch: Epoch,
+        accesses: &[(BlockId, Generation, Access)],
+    ) -> Result<(), String> {
+        if accesses.is_empty() {
             return Ok(());
         }
-        self.cache
-            .lock()
-            .validate(step.epoch, &step.accesses)
-            .map_err(|e| {
-                self.violations.fetch_add(1, Ordering::Relaxed);
-                e.to_string()
-            })
+        self.cache.lock().validate(epoch, accesses).map_err(|e| {
+            self.violations.fetch_add(1, Ordering::Relaxed);
+            e.to_string()
+        })
     }
 
     /// Runs one step and reports its epoch to the KV core.
@@ -134,13 +136,13 @@ impl<R: Runner> Executor<R> {
             self.last.remove(id);
         }
         let mut failed = Vec::new();
-        let mut rows: Vec<(&StepSeq, Vec<TokenId>)> = Vec::with_capacity(step.seqs.len());
-        for s in &step.seqs {
+        // A pending input becomes known: the previous step's sample,
+        // recorded in its slot; rows whose sample is missing fail.
+        let mut seqs = step.seqs;
+        seqs.retain_mut(|s| {
             let Some(slot) = s.pending else {
-                rows.push((s, s.known.clone()));
-                continue;
+                return true;
             };
-            // The previous step's sample; absent if that step failed.
             let resolved = match self.last.get(&s.seq) {
                 Some(&t) => self
                     .cache
@@ -151,14 +153,21 @@ impl<R: Runner> Executor<R> {
                 None => Err("the step that sampled its previous token failed".into()),
             };
             match resolved {
-                Ok(t) => rows.push((s, vec![t])),
-                Err(e) => failed.push((s.seq, e)),
+                Ok(t) => {
+                    s.known.push(t);
+                    true
+                }
+                Err(e) => {
+                    failed.push((s.seq, e));
+                    false
+                }
             }
-        }
+        });
+        let rows: Vec<&StepSeq> = seqs.iter().collect();
         let batch: Vec<SeqInput<'_>> = rows
             .iter()
-            .map(|(s, tokens)| SeqInput {
-                tokens,
+            .map(|s| SeqInput {
+                tokens: &s.known,
                 start: s.start,
                 block_table: &s.table,
                 logits: s.sample,
@@ -170,15 +179,15 @@ impl<R: Runner> Executor<R> {
         let logits = if batch.is_empty() {
             Ok(Vec::new())
         } else {
-            self.validate(&step)
+            self.validate(step.epoch, &step.accesses)
                 .and_then(|()| self.runner.forward(&batch))
-                .and_then(|l| self.validate(&step).map(|()| l))
+                .and_then(|l| self.validate(step.epoch, &step.accesses).map(|()| l))
         };
         let mut samples = Vec::new();
         match logits {
             Ok(logits) => {
                 let mut it = logits.into_iter();
-                for (s, _) in rows.iter().filter(|(s, _)| s.sample) {
+                for s in rows.iter().filter(|s| s.sample) {
                     let Some(mut l) = it.next() else {
                         failed.push((s.seq, "the model returned too few logits".into()));
                         continue;
@@ -202,7 +211,7 @@ impl<R: Runner> Executor<R> {
                     .expect("steps complete in the order their epochs were issued");
             }
             Err(e) => {
-                for (s, _) in &rows {
+                for s in &rows {
                     self.last.remove(&s.seq);
                     failed.push((s.seq, format!("step failed: {e}")));
                 }

@@ -145,18 +145,20 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    #[allow(clippy::too_many_arguments)]
+    /// The hasher and block size are the pool's own.
     pub(crate) fn new(
         cache: KvCache,
-        hasher: BlockHasher,
         fingerprint: Vec<u8>,
-        block_size: usize,
         context: usize,
         eos: Vec<TokenId>,
         config: SchedulerConfig,
         registry: SharedRegistry,
         session_ttl: std::time::Duration,
     ) -> Self {
+        let (hasher, block_size) = {
+            let g = cache.lock();
+            (g.hasher().clone(), g.config().block_size as usize)
+        };
         Self {
             cache,
             hasher,

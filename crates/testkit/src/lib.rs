@@ -1,6 +1,7 @@
 //! Test-only helpers shared by Strata's crates (a dev-dependency, never
-//! shipped): fixtures for the KV core today; the tiny random-weight GGUF
-//! writer (issue 2/6) and a fake executor (issue 3/6) later.
+//! shipped): fixtures for the KV core and the tiny random-weight GGUF
+//! writer. The engine's fake model is in the engine's own tests (it
+//! implements the engine's `Runner`).
 
 use strata_kv::{BlockHasher, ChainRoot, ExtraKeys, HashKey, TokenId};
 

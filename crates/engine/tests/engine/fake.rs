@@ -115,3 +115,29 @@ impl<R: Runner> Runner for Gated<R> {
         self.inner.poison(block);
     }
 }
+
+/// An engine configuration for the fake model, sanitizer on.
+pub(crate) fn config(
+    blocks: usize,
+    bs: usize,
+    step_tokens: usize,
+    max_running: usize,
+) -> strata_engine::EngineConfig {
+    strata_engine::EngineConfig {
+        num_blocks: blocks,
+        block_size: bs,
+        context: 4096,
+        vocab: VOCAB,
+        eos: vec![TokenId::new(2)],
+        model_fingerprint: b"fake".to_vec(),
+        hash_key: strata_testkit::test_key(),
+        scheduler: strata_engine::SchedulerConfig {
+            max_step_tokens: step_tokens,
+            max_running,
+            sanitize: true,
+        },
+        queue_limit: 1 << 20,
+        model_name: "fake".into(),
+        session_ttl: std::time::Duration::from_secs(3600),
+    }
+}

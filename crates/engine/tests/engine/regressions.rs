@@ -7,14 +7,11 @@
 
 use std::sync::mpsc;
 
-use strata_engine::{
-    Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig,
-    StopConditions,
-};
+use strata_engine::{Engine, Event, FinishReason, Request, RequestHandle, StopConditions};
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
 
-use crate::fake::{FakeRunner, Gated, VOCAB, next_token};
+use crate::fake::{self, FakeRunner, Gated, VOCAB, next_token};
 use crate::fixture::assert_whole;
 
 // Field order matters on a failed test: `go` drops first, so a held step
@@ -35,23 +32,7 @@ impl Harness {
                 entered: entered_tx,
                 go: go_rx,
             },
-            EngineConfig {
-                num_blocks: blocks,
-                block_size: bs,
-                context: 4096,
-                vocab: VOCAB,
-                eos: vec![TokenId::new(2)],
-                model_fingerprint: b"fake".to_vec(),
-                hash_key: strata_testkit::test_key(),
-                scheduler: SchedulerConfig {
-                    max_step_tokens: 64,
-                    max_running: 8,
-                    sanitize: true,
-                },
-                queue_limit: 64,
-                model_name: "fake".into(),
-                session_ttl: std::time::Duration::from_secs(3600),
-            },
+            fake::config(blocks, bs, 64, 8),
         )
         .unwrap();
         Self {

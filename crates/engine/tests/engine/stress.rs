@@ -10,13 +10,12 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_engine::{
-    Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SchedulerConfig, SessionId,
-    StopConditions,
+    Engine, Event, FinishReason, Request, RequestHandle, SessionId, StopConditions,
 };
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
 
-use crate::fake::{FakeRunner, VOCAB, next_token};
+use crate::fake::{self, FakeRunner, VOCAB, next_token};
 use crate::fixture::assert_whole;
 
 struct Live {
@@ -70,27 +69,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
     runner.fail_rate = 0.002;
     runner.max_delay = 2_000;
     let failures = runner.failures.clone();
-    let engine = Engine::start(
-        runner,
-        EngineConfig {
-            num_blocks: blocks,
-            block_size: bs,
-            context: 4096,
-            vocab: VOCAB,
-            eos: vec![TokenId::new(2)],
-            model_fingerprint: b"fake".to_vec(),
-            hash_key: strata_testkit::test_key(),
-            scheduler: SchedulerConfig {
-                max_step_tokens: 24,
-                max_running: 10,
-                sanitize: true,
-            },
-            queue_limit: 1 << 20,
-            model_name: "fake".into(),
-            session_ttl: std::time::Duration::from_secs(3600),
-        },
-    )
-    .unwrap();
+    let engine = Engine::start(runner, fake::config(blocks, bs, 24, 10)).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let prefixes: Vec<Vec<TokenId>> = (0..4)
         .map(|k| {
