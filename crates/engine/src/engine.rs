@@ -9,9 +9,6 @@
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, TokenId};
 use tokio::sync::mpsc;
@@ -20,6 +17,7 @@ use crate::executor::{Executor, Runner, Step, StepResult};
 use crate::request::{Request, RequestHandle};
 use crate::scheduler::{Counters, Scheduler, SchedulerConfig};
 use crate::session::{self, SessionId, SessionInfo, SharedRegistry};
+use crate::sync::{Arc, Mutex, lock, mpsc as std_mpsc, thread};
 
 /// Engine instances, numbered so a session names its model.
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
@@ -131,8 +129,8 @@ pub struct Engine {
     context: usize,
     vocab: usize,
     queue_limit: usize,
-    threads: Vec<JoinHandle<()>>,
-    violations: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+    violations: std::sync::Arc<AtomicU64>,
     instance: u64,
     name: Arc<str>,
     registry: SharedRegistry,
@@ -179,9 +177,9 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
-        let violations = Arc::new(AtomicU64::new(0));
+        let violations = std::sync::Arc::new(AtomicU64::new(0));
         let mut executor = Executor::new(runner, cache.clone(), violations.clone());
-        let exec = std::thread::Builder::new()
+        let exec = thread::Builder::new()
             .name("strata-executor".into())
             .spawn(move || {
                 while let Ok(step) = step_rx.recv() {
@@ -193,7 +191,7 @@ impl Engine {
             .map_err(|e| EngineError::Config(e.to_string()))?;
         let counters = Arc::new(Mutex::new(Counters::default()));
         let shared = counters.clone();
-        let sched = std::thread::Builder::new()
+        let sched = thread::Builder::new()
             .name("strata-scheduler".into())
             .spawn(move || {
                 let mut outstanding = 0usize;
@@ -253,7 +251,7 @@ impl Engine {
                             }
                         }
                     }
-                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = scheduler.counters();
+                    *lock(&shared) = scheduler.counters();
                     if outstanding == 0 && scheduler.live() == 0 {
                         for w in idle_waiters.drain(..) {
                             let _ = w.send(());
@@ -295,7 +293,7 @@ impl Engine {
     /// Counters and pool gauges.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            counters: *self.counters.lock().unwrap_or_else(|p| p.into_inner()),
+            counters: *lock(&self.counters),
             pool: self.cache.lock().stats(),
             violations: self.violations.load(Ordering::Relaxed),
         }
@@ -317,7 +315,7 @@ impl Engine {
                 max_tokens,
             });
         }
-        let c = *self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let c = *lock(&self.counters);
         if c.waiting >= self.queue_limit {
             return Err(EngineError::QueueFull(c.waiting));
         }

@@ -15,6 +15,7 @@ mod executor;
 mod request;
 mod scheduler;
 mod session;
+mod sync;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};

@@ -8,10 +8,12 @@
 //! back when the turn ends.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use strata_kv::{ChainRoot, Lease, TokenId};
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// A session's identity: the model instance it belongs to, and its number.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +54,7 @@ pub(crate) struct Registry {
 pub(crate) type SharedRegistry = Arc<Mutex<Registry>>;
 
 pub(crate) fn lock(r: &SharedRegistry) -> MutexGuard<'_, Registry> {
-    r.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sync::lock(r)
 }
 
 impl Registry {

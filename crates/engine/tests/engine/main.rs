@@ -7,4 +7,6 @@ mod fixture;
 mod regressions;
 mod requests;
 mod sessions;
+#[cfg(shuttle)]
+mod shuttle;
 mod stress;
