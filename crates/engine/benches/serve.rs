@@ -58,6 +58,7 @@ fn engine(model: &Arc<LlamaModel>) -> Engine {
             queue_limit: 1024,
             model_name: "SmolLM2-135M-Instruct".into(),
             session_ttl: Duration::from_secs(600),
+            tokenizer: None,
         },
     )
     .unwrap()

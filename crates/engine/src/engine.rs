@@ -11,6 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, TokenId};
+use strata_model::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::executor::{Executor, Runner, Step, StepResult};
@@ -68,6 +69,9 @@ pub enum EngineError {
     /// The configuration cannot work.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// Stop strings given to an engine that has no tokenizer.
+    #[error("stop strings need a tokenizer, and this engine has none")]
+    NoTokenizer,
 }
 
 /// How an engine instance is sized.
@@ -96,6 +100,9 @@ pub struct EngineConfig {
     pub model_name: String,
     /// Idle sessions give up their pins after this long.
     pub session_ttl: std::time::Duration,
+    /// Turns tokens into text for `Event::Token::text` and stop strings;
+    /// without it, text is empty and stop strings are refused.
+    pub tokenizer: Option<std::sync::Arc<Tokenizer>>,
 }
 
 enum Msg {
@@ -135,6 +142,7 @@ pub struct Engine {
     name: Arc<str>,
     registry: SharedRegistry,
     next_session: AtomicU64,
+    has_tokenizer: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -165,15 +173,7 @@ impl Engine {
         )
         .map_err(|e| EngineError::Config(e.to_string()))?;
         let registry = SharedRegistry::default();
-        let mut scheduler = Scheduler::new(
-            cache.clone(),
-            config.model_fingerprint.clone(),
-            context,
-            config.eos.clone(),
-            config.scheduler,
-            registry.clone(),
-            config.session_ttl,
-        );
+        let mut scheduler = Scheduler::new(cache.clone(), &config, context, registry.clone());
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
@@ -277,6 +277,7 @@ impl Engine {
             name: config.model_name.into(),
             registry,
             next_session: AtomicU64::new(1),
+            has_tokenizer: config.tokenizer.is_some(),
         })
     }
 
@@ -314,6 +315,9 @@ impl Engine {
                 prompt: req.prompt.len(),
                 max_tokens,
             });
+        }
+        if !req.stop.stop_strings.is_empty() && !self.has_tokenizer {
+            return Err(EngineError::NoTokenizer);
         }
         let c = *lock(&self.counters);
         if c.waiting >= self.queue_limit {

@@ -16,6 +16,7 @@ mod request;
 mod scheduler;
 mod session;
 mod sync;
+mod text;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};

@@ -15,6 +15,9 @@ pub struct StopConditions {
     pub ignore_eos: bool,
     /// End-of-sequence and stop ids are ignored before this many tokens.
     pub min_tokens: usize,
+    /// Text that ends the sequence; the text before it is the last sent
+    /// (needs an engine with a tokenizer).
+    pub stop_strings: Vec<String>,
 }
 
 /// One request: a prompt to continue.
@@ -73,6 +76,10 @@ pub enum Event {
         logprob: f32,
         /// The most likely alternatives, if asked for.
         top: Vec<(TokenId, f32)>,
+        /// Text now safe to show (empty without a tokenizer): whole
+        /// characters, never the start of a stop string that may still
+        /// complete; the last token's delta includes the rest of the text.
+        text: String,
     },
     /// The last event of a request.
     Finished {

@@ -13,17 +13,20 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use strata_kv::{
     Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, Generation, KvCache, KvError, Lease,
     OwnerTag, PoolGuard, TokenId,
 };
-use strata_model::SamplingParams;
+use strata_model::{SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
 
+use crate::EngineConfig;
 use crate::executor::{Step, StepResult, StepSeq};
 use crate::request::{Event, FinishReason, Request, Usage};
 use crate::session::{self, Session, SessionInfo, SharedRegistry};
+use crate::text::TextState;
 
 /// Scheduling limits.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +111,8 @@ struct Seq {
     events: mpsc::UnboundedSender<Event>,
     /// The session this request is a turn of.
     session: Option<u64>,
+    /// Its text and stop strings (engines with a tokenizer).
+    text: Option<TextState>,
 }
 
 impl Seq {
@@ -142,18 +147,17 @@ pub(crate) struct Scheduler {
     registry: SharedRegistry,
     /// Idle sessions give up their pins after this long.
     session_ttl: std::time::Duration,
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 impl Scheduler {
-    /// The hasher and block size are the pool's own.
+    /// The hasher and block size are the pool's own; `context` is the
+    /// clamped limit.
     pub(crate) fn new(
         cache: KvCache,
-        fingerprint: Vec<u8>,
+        engine: &EngineConfig,
         context: usize,
-        eos: Vec<TokenId>,
-        config: SchedulerConfig,
         registry: SharedRegistry,
-        session_ttl: std::time::Duration,
     ) -> Self {
         let (hasher, block_size) = {
             let g = cache.lock();
@@ -162,11 +166,11 @@ impl Scheduler {
         Self {
             cache,
             hasher,
-            fingerprint,
+            fingerprint: engine.model_fingerprint.clone(),
             block_size,
             context,
-            eos,
-            config,
+            eos: engine.eos.clone(),
+            config: engine.scheduler,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -177,7 +181,8 @@ impl Scheduler {
             accesses: Vec::new(),
             sessions: HashMap::new(),
             registry,
-            session_ttl,
+            session_ttl: engine.session_ttl,
+            tokenizer: engine.tokenizer.clone(),
         }
     }
 
@@ -374,6 +379,10 @@ impl Scheduler {
             finished: false,
             events,
             session,
+            text: self
+                .tokenizer
+                .as_ref()
+                .map(|t| TextState::new(t.clone(), &req.stop.stop_strings)),
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
@@ -730,20 +739,33 @@ impl Scheduler {
                 continue;
             }
             s.tokens.push(sampled.token);
-            let _ = s.events.send(Event::Token {
-                id: sampled.token,
-                logprob: sampled.logprob,
-                top: sampled.top,
-            });
-            let stop =
-                s.generated() > s.min_tokens.saturating_sub(1) && s.stops.contains(&sampled.token);
-            let reason = if stop {
+            let past_min = s.generated() >= s.min_tokens;
+            let delta = s
+                .text
+                .as_mut()
+                .map(|t| t.push(sampled.token, past_min))
+                .unwrap_or_default();
+            let reason = if delta.stopped || (past_min && s.stops.contains(&sampled.token)) {
                 Some(FinishReason::Stop)
             } else if s.generated() >= s.max_tokens || s.tokens.len() >= self.context {
                 Some(FinishReason::Length)
             } else {
                 None
             };
+            let mut text = delta.text;
+            if let Some(t) = s
+                .text
+                .as_mut()
+                .filter(|_| reason.is_some() && !delta.stopped)
+            {
+                text.push_str(&t.finish());
+            }
+            let _ = s.events.send(Event::Token {
+                id: sampled.token,
+                logprob: sampled.logprob,
+                top: sampled.top,
+                text,
+            });
             if let Some(reason) = reason {
                 self.finish(id, reason);
             }

@@ -299,32 +299,25 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.bytes.len()
     }
-
-    /// A streaming decoder for one sequence.
-    pub fn detokenizer(&self) -> Detokenizer<'_> {
-        Detokenizer {
-            tokenizer: self,
-            pending: Vec::new(),
-        }
-    }
 }
 
-/// Turns tokens into text as they arrive, never emitting broken UTF-8: bytes
-/// of a character split across tokens wait for the rest.
-pub struct Detokenizer<'a> {
-    tokenizer: &'a Tokenizer,
+/// Turns one sequence's tokens into text as they arrive, never emitting
+/// broken UTF-8: bytes of a character split across tokens wait for the
+/// rest. It holds no reference to the tokenizer, so it can live in state
+/// that outlives a borrow (the engine keeps one per request).
+#[derive(Clone, Debug, Default)]
+pub struct Detokenizer {
     pending: Vec<u8>,
 }
 
-impl Detokenizer<'_> {
+impl Detokenizer {
     /// Adds a token; returns the text it completes (possibly empty). Control
     /// tokens add nothing.
-    pub fn push(&mut self, t: TokenId) -> String {
-        if self.tokenizer.is_control(t) {
+    pub fn push(&mut self, tokenizer: &Tokenizer, t: TokenId) -> String {
+        if tokenizer.is_control(t) {
             return String::new();
         }
-        self.pending
-            .extend_from_slice(self.tokenizer.token_bytes(t));
+        self.pending.extend_from_slice(tokenizer.token_bytes(t));
         let mut out = String::new();
         loop {
             match std::str::from_utf8(&self.pending) {

@@ -139,5 +139,6 @@ pub(crate) fn config(
         queue_limit: 1 << 20,
         model_name: "fake".into(),
         session_ttl: std::time::Duration::from_secs(3600),
+        tokenizer: None,
     }
 }

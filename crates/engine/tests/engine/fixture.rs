@@ -7,7 +7,7 @@ use strata_engine::{
     StopConditions, Usage,
 };
 use strata_kv::TokenId;
-use strata_model::{Gguf, LlamaModel, LoadOptions, SamplingParams, SeqInput};
+use strata_model::{Gguf, LlamaModel, LoadOptions, SamplingParams, SeqInput, Tokenizer};
 use strata_store::{Arena, BlockId};
 use strata_testkit::tiny_model::{self, TinyConfig};
 
@@ -26,6 +26,12 @@ pub(crate) fn model(seed: u64) -> Arc<LlamaModel> {
         )
         .unwrap(),
     )
+}
+
+/// The tiny model's tokenizer (the same for every seed).
+pub(crate) fn tokenizer() -> Arc<Tokenizer> {
+    let g = Gguf::open(&tiny_model::path(TinyConfig::default())).unwrap();
+    Arc::new(Tokenizer::from_gguf(g.content()).unwrap())
 }
 
 pub(crate) struct Setup {
@@ -68,6 +74,7 @@ pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
             queue_limit: 1024,
             model_name: format!("tiny-{}", s.name),
             session_ttl: std::time::Duration::from_secs(3600),
+            tokenizer: Some(tokenizer()),
         },
     )
     .unwrap()

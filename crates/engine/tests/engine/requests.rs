@@ -1,10 +1,13 @@
 //! Requests through the engine: exact outputs, prefix hits, aborts,
 //! preemption, rejection, overlap.
 
-use strata_engine::{EngineError, Event, FinishReason, StopConditions};
+use strata_engine::{Engine, EngineError, Event, FinishReason, Request, StopConditions};
 use strata_kv::TokenId;
 
-use crate::fixture::{Setup, assert_whole, engine, greedy, model, outcome, prompt, solo};
+use crate::fake::{self, FakeRunner};
+use crate::fixture::{
+    Setup, assert_whole, engine, greedy, model, outcome, prompt, solo, tokenizer,
+};
 
 #[test]
 fn a_request_yields_exactly_the_solo_run_tokens() {
@@ -133,6 +136,7 @@ fn stop_tokens_end_a_request_but_not_before_min_tokens() {
         stop_token_ids: vec![free[0]],
         ignore_eos: true,
         min_tokens: 4,
+        stop_strings: Vec::new(),
     };
     let out = outcome(e.submit(r).unwrap().collect_blocking());
     assert!(
@@ -141,6 +145,51 @@ fn stop_tokens_end_a_request_but_not_before_min_tokens() {
         out.tokens
     );
     assert_whole(&e);
+}
+
+/// The text deltas add up to the decoded tokens; a stop string ends the
+/// request at the token that completes it, and its text stops just before
+/// the stop string.
+#[test]
+fn stop_strings_cut_the_text_before_them() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let tok = tokenizer();
+    let p = prompt(0, 9, 4);
+    let run = |r: Request| {
+        let events = e.submit(r).unwrap().collect_blocking();
+        let text: String = events
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::Token { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        (outcome(events), text)
+    };
+    let (free, free_text) = run(greedy(p.clone(), 24));
+    assert_eq!(free_text, tok.decode(&free.tokens, false));
+    // A stop string from the middle of the free run's text.
+    let chars: Vec<char> = free_text.chars().collect();
+    assert!(chars.len() > 8, "{free_text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let at = free_text.find(&stop).unwrap();
+    let mut r = greedy(p, 24);
+    r.stop.stop_strings = vec![stop.clone(), String::new()];
+    let (out, text) = run(r);
+    assert_eq!(out.reason, FinishReason::Stop, "{stop:?} in {free_text:?}");
+    assert_eq!(text, free_text[..at], "{stop:?} in {free_text:?}");
+    // It stopped at the token that completed the stop string.
+    let n = out.tokens.len();
+    assert_eq!(out.tokens, free.tokens[..n]);
+    assert!(tok.decode(&out.tokens, false).contains(&stop));
+    assert!(!tok.decode(&out.tokens[..n - 1], false).contains(&stop));
+    assert_whole(&e);
+    // An engine without a tokenizer refuses stop strings.
+    let fake = Engine::start(FakeRunner::new(8, 4, 1), fake::config(8, 4, 8, 2)).unwrap();
+    let mut r = greedy(strata_testkit::tokens([3, 4, 5]), 2);
+    r.stop.stop_strings = vec!["x".into()];
+    assert_eq!(fake.submit(r).unwrap_err(), EngineError::NoTokenizer);
 }
 
 #[test]

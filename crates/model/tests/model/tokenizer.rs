@@ -1,7 +1,7 @@
 //! The tokenizer against llama.cpp on the real model, the streaming
 //! detokenizer, and chat templates.
 
-use strata_model::{ChatMessage, ChatTemplate, Gguf, Tokenizer};
+use strata_model::{ChatMessage, ChatTemplate, Detokenizer, Gguf, Tokenizer};
 use strata_store::TokenId;
 
 use crate::real_model::model_path;
@@ -58,8 +58,9 @@ fn real_model_tokenizer_agrees_with_llama_cpp_and_round_trips() {
         }
         let toks: Vec<TokenId> = plain.iter().copied().map(TokenId::new).collect();
         assert_eq!(tok.decode(&toks, false), text, "round trip");
-        let mut d = tok.detokenizer();
-        let streamed: String = toks.iter().map(|&t| d.push(t)).collect::<String>() + &d.finish();
+        let mut d = Detokenizer::default();
+        let streamed: String =
+            toks.iter().map(|&t| d.push(&tok, t)).collect::<String>() + &d.finish();
         assert_eq!(streamed, text, "streaming detokenizer");
         cases += 1;
     }
@@ -78,10 +79,10 @@ fn real_model_detokenizer_never_emits_broken_utf8() {
     let (tok, _) = real_tokenizer();
     for text in ["日本語", "👨‍👩‍👧‍👦 family", "é", "🇫🇷"] {
         let toks = tok.encode(text).unwrap();
-        let mut d = tok.detokenizer();
+        let mut d = Detokenizer::default();
         let mut out = String::new();
         for &t in &toks {
-            let piece = d.push(t);
+            let piece = d.push(&tok, t);
             assert!(
                 !piece.contains(char::REPLACEMENT_CHARACTER),
                 "{text:?}: a split character leaked"
@@ -96,8 +97,8 @@ fn real_model_detokenizer_never_emits_broken_utf8() {
         .map(TokenId::new)
         .find(|&t| tok.token_bytes(t) == [0x80])
         .unwrap();
-    let mut d = tok.detokenizer();
-    assert_eq!(d.push(byte_token), "\u{FFFD}");
+    let mut d = Detokenizer::default();
+    assert_eq!(d.push(&tok, byte_token), "\u{FFFD}");
     assert_eq!(d.finish(), "");
 }
 
