@@ -208,7 +208,13 @@ impl Engine {
                         rx.try_recv().ok()
                     };
                     match msg {
-                        Some(Msg::Submit(id, req, events)) => scheduler.add(id, req, events),
+                        Some(Msg::Submit(id, req, events)) => {
+                            scheduler.add(id, req, events);
+                            if stopping {
+                                // Shutting down: refused as it arrives.
+                                scheduler.abort_all();
+                            }
+                        }
                         Some(Msg::Done(r)) => {
                             outstanding -= 1;
                             scheduler.on_result(r);
@@ -422,6 +428,14 @@ impl Engine {
         if self.tx.send(Msg::Idle(tx)).is_ok() {
             let _ = rx.recv();
         }
+    }
+
+    /// Begins shutting down without waiting: every request is aborted (its
+    /// client sees `FinishReason::Abort`), new ones are refused with
+    /// `EngineError::Stopped`, and the threads exit once the steps in flight
+    /// complete.
+    pub fn abort_all(&self) {
+        let _ = self.tx.send(Msg::Shutdown);
     }
 
     /// Aborts what is running, waits for the steps in flight, and stops the

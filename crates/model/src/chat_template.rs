@@ -127,23 +127,8 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<TokenId>, ModelError> {
-        let placeholders: Vec<_> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| context! { role => &m.role, content => sentinel(i) })
-            .collect();
-        let rendered = self.render_values(placeholders, add_generation_prompt)?;
-        match split_at_sentinels(&rendered, messages.len()) {
-            Some(pieces) => {
-                let mut out = Vec::new();
-                for piece in pieces {
-                    match piece {
-                        Piece::Template(t) => out.extend(tok.encode_with_specials(t)?),
-                        Piece::Content(i) => out.extend(tok.encode(&messages[i].content)?),
-                    }
-                }
-                Ok(out)
-            }
+        match self.pieces(tok, messages, add_generation_prompt, 0)? {
+            Some(tokens) => Ok(tokens),
             // The template rewrote the contents (sliced or filtered them):
             // render them for real, which is safe only if no content holds a
             // special-token string.
@@ -156,6 +141,55 @@ impl ChatTemplate {
                 tok.encode_with_specials(&self.render(messages, add_generation_prompt)?)
             }
         }
+    }
+
+    /// The tokens that continue a conversation whose first `known`
+    /// messages are already in a sequence: everything the template renders
+    /// after the content of message `known - 1` (its closing marker, the
+    /// new messages, the generation prompt). `None` if the template does not
+    /// keep message contents intact (then a continuation cannot be cut).
+    pub fn continuation(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        known: usize,
+        add_generation_prompt: bool,
+    ) -> Result<Option<Vec<TokenId>>, ModelError> {
+        if known == 0 || known > messages.len() {
+            return Ok(None);
+        }
+        self.pieces(tok, messages, add_generation_prompt, known)
+    }
+
+    /// Tokenizes the rendering piece by piece, from just after the content
+    /// of message `from - 1` (from the start if `from` is 0).
+    fn pieces(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        from: usize,
+    ) -> Result<Option<Vec<TokenId>>, ModelError> {
+        let placeholders: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| context! { role => &m.role, content => sentinel(i) })
+            .collect();
+        let rendered = self.render_values(placeholders, add_generation_prompt)?;
+        let Some(pieces) = split_at_sentinels(&rendered, messages.len()) else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        let mut started = from == 0;
+        for piece in pieces {
+            match piece {
+                Piece::Content(i) if i + 1 == from => started = true,
+                _ if !started => {}
+                Piece::Template(t) => out.extend(tok.encode_with_specials(t)?),
+                Piece::Content(i) => out.extend(tok.encode(&messages[i].content)?),
+            }
+        }
+        Ok(Some(out))
     }
 }
 

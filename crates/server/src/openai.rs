@@ -1,0 +1,389 @@
+//! The OpenAI request shapes we accept, checked the way vLLM checks them,
+//! and turned into the engine's sampling parameters and stop conditions.
+//!
+//! Unknown fields are ignored (clients send many); known ones are
+//! validated, and a value out of range is a 400 naming the parameter.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use strata_engine::StopConditions;
+use strata_kv::TokenId;
+use strata_model::SamplingParams;
+
+use crate::error::ApiError;
+
+/// The most `top_logprobs` (as vLLM and OpenAI).
+pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
+/// The most stop strings.
+pub(crate) const MAX_STOPS: usize = 16;
+
+/// `stop`: one string or several.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Deserialize, Debug, Clone, Default)]
+pub(crate) struct StreamOptions {
+    /// Send a last chunk with the usage.
+    #[serde(default)]
+    pub(crate) include_usage: bool,
+}
+
+/// Parameters common to both completion endpoints.
+#[derive(Deserialize, Debug, Clone, Default)]
+pub(crate) struct Common {
+    /// The model (must be the one served; may be left out).
+    pub(crate) model: Option<String>,
+    /// Generated tokens at most.
+    pub(crate) max_tokens: Option<i64>,
+    /// The chat API's newer name for `max_tokens`.
+    pub(crate) max_completion_tokens: Option<i64>,
+    /// In [0, 2]; 0 is greedy.
+    pub(crate) temperature: Option<f64>,
+    /// In (0, 1].
+    pub(crate) top_p: Option<f64>,
+    /// -1 or 0: off; else at least 1.
+    pub(crate) top_k: Option<i64>,
+    /// In [0, 1].
+    pub(crate) min_p: Option<f64>,
+    /// Reproducible sampling.
+    pub(crate) seed: Option<i64>,
+    /// Stop strings.
+    pub(crate) stop: Option<Stop>,
+    /// Stop token ids (vLLM's extension).
+    pub(crate) stop_token_ids: Option<Vec<i64>>,
+    /// In [-2, 2].
+    pub(crate) presence_penalty: Option<f64>,
+    /// In [-2, 2].
+    pub(crate) frequency_penalty: Option<f64>,
+    /// In (0, 2].
+    pub(crate) repetition_penalty: Option<f64>,
+    /// Must be 1.
+    pub(crate) n: Option<i64>,
+    /// Ignored (an end-user id).
+    #[allow(dead_code)]
+    pub(crate) user: Option<String>,
+    /// Token id (as a string) to a bias in [-100, 100].
+    pub(crate) logit_bias: Option<HashMap<String, f64>>,
+    /// Keep going past end-of-sequence.
+    #[serde(default)]
+    pub(crate) ignore_eos: bool,
+    /// No stop before this many tokens.
+    pub(crate) min_tokens: Option<i64>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub(crate) stream: bool,
+    /// Streaming options.
+    pub(crate) stream_options: Option<StreamOptions>,
+    /// Continue a session (an extension; see docs/api.md).
+    pub(crate) session: Option<String>,
+    /// Share prefixes only within this salt (if the operator allows).
+    pub(crate) cache_salt: Option<String>,
+}
+
+/// A chat message's content: text, or a list of parts of which only text
+/// is supported.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub(crate) enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts.
+    Parts(Vec<Part>),
+}
+
+/// One content part.
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct Part {
+    /// `text` is the only type supported.
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    /// The text.
+    pub(crate) text: Option<String>,
+}
+
+/// One message.
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct Message {
+    /// `system`, `user`, `assistant`, `developer`, ...
+    pub(crate) role: String,
+    /// Its content (may be null for an assistant message).
+    pub(crate) content: Option<Content>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct ChatRequest {
+    /// The conversation (or, in a session, its new messages).
+    pub(crate) messages: Vec<Message>,
+    /// Return log-probabilities.
+    #[serde(default)]
+    pub(crate) logprobs: bool,
+    /// How many alternatives per token, in [0, 20].
+    pub(crate) top_logprobs: Option<i64>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub(crate) common: Common,
+}
+
+/// `prompt` of `/v1/completions`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub(crate) enum Prompt {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<i64>),
+    /// A batch of texts (only one is supported: n = 1, one prompt).
+    Texts(Vec<String>),
+    /// A batch of token lists (only one).
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct CompletionRequest {
+    /// What to continue.
+    pub(crate) prompt: Prompt,
+    /// Alternatives per token, in [0, 20].
+    pub(crate) logprobs: Option<i64>,
+    /// Prepend the prompt to the answer.
+    #[serde(default)]
+    pub(crate) echo: bool,
+    /// Everything else.
+    #[serde(flatten)]
+    pub(crate) common: Common,
+}
+
+/// What the engine gets from the common parameters.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub(crate) sampling: SamplingParams,
+    pub(crate) stop: StopConditions,
+}
+
+fn range(
+    v: Option<f64>,
+    param: &'static str,
+    ok: impl Fn(f64) -> bool,
+    what: &str,
+) -> Result<Option<f32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x.is_finite() && ok(x) => Ok(Some(x as f32)),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be {what}, got {x}"),
+        )),
+    }
+}
+
+impl Common {
+    /// Checks every parameter; `vocab` bounds token ids, `top_logprobs` is
+    /// the endpoint's own logprobs parameter, already read.
+    pub(crate) fn check(&self, vocab: usize, top_logprobs: usize) -> Result<Checked, ApiError> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid(
+                "n",
+                format!("only n = 1 is supported, got {n}"),
+            ));
+        }
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) | (None, Some(m)) => {
+                if m < 1 {
+                    let p = if self.max_completion_tokens.is_some() {
+                        "max_completion_tokens"
+                    } else {
+                        "max_tokens"
+                    };
+                    return Err(ApiError::invalid(
+                        p,
+                        format!("{p} must be at least 1, got {m}"),
+                    ));
+                }
+                Some(m as usize)
+            }
+            (None, None) => None,
+        };
+        let temperature = range(
+            self.temperature,
+            "temperature",
+            |x| (0.0..=2.0).contains(&x),
+            "in [0, 2]",
+        )?;
+        let top_p = range(self.top_p, "top_p", |x| x > 0.0 && x <= 1.0, "in (0, 1]")?;
+        let min_p = range(
+            self.min_p,
+            "min_p",
+            |x| (0.0..=1.0).contains(&x),
+            "in [0, 1]",
+        )?;
+        let presence = range(
+            self.presence_penalty,
+            "presence_penalty",
+            |x| (-2.0..=2.0).contains(&x),
+            "in [-2, 2]",
+        )?;
+        let frequency = range(
+            self.frequency_penalty,
+            "frequency_penalty",
+            |x| (-2.0..=2.0).contains(&x),
+            "in [-2, 2]",
+        )?;
+        let repetition = range(
+            self.repetition_penalty,
+            "repetition_penalty",
+            |x| x > 0.0 && x <= 2.0,
+            "in (0, 2]",
+        )?;
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k >= 1 => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("top_k must be -1 (off) or at least 1, got {k}"),
+                ));
+            }
+        };
+        let token = |param: &'static str, t: i64| -> Result<TokenId, ApiError> {
+            if t < 0 || t as usize >= vocab {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("token id {t} is outside the vocabulary (0..{vocab})"),
+                ));
+            }
+            Ok(TokenId::new(t as u32))
+        };
+        let mut logit_bias = Vec::new();
+        for (k, &b) in self.logit_bias.iter().flatten() {
+            let id: i64 = k.trim().parse().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias keys are token ids, got {k:?}"),
+                )
+            })?;
+            if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("a logit bias must be in [-100, 100], got {b}"),
+                ));
+            }
+            logit_bias.push((token("logit_bias", id)?, b as f32));
+        }
+        logit_bias.sort_by_key(|&(t, _)| t.get());
+        let stop_strings = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop_strings.len() > MAX_STOPS {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "at most {MAX_STOPS} stop strings, got {}",
+                    stop_strings.len()
+                ),
+            ));
+        }
+        if stop_strings.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+        }
+        let stop_token_ids = self
+            .stop_token_ids
+            .iter()
+            .flatten()
+            .map(|&t| token("stop_token_ids", t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if m >= 0 => m as usize,
+            Some(m) => {
+                return Err(ApiError::invalid(
+                    "min_tokens",
+                    format!("min_tokens must be at least 0, got {m}"),
+                ));
+            }
+        };
+        if let Some(max) = max_tokens
+            && min_tokens > max
+        {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
+            ));
+        }
+        let seed = self.seed.map(|s| s as u64);
+        let sampling = SamplingParams {
+            temperature: temperature.unwrap_or(1.0),
+            top_k,
+            top_p: top_p.unwrap_or(1.0),
+            min_p: min_p.unwrap_or(0.0),
+            seed,
+            repetition_penalty: repetition.unwrap_or(1.0),
+            frequency_penalty: frequency.unwrap_or(0.0),
+            presence_penalty: presence.unwrap_or(0.0),
+            logit_bias,
+            top_logprobs,
+        };
+        Ok(Checked {
+            sampling,
+            stop: StopConditions {
+                max_tokens,
+                stop_token_ids,
+                ignore_eos: self.ignore_eos,
+                min_tokens,
+                stop_strings,
+            },
+        })
+    }
+}
+
+/// Reads a logprobs count parameter in [0, 20].
+pub(crate) fn top_logprobs(param: &'static str, v: Option<i64>) -> Result<usize, ApiError> {
+    match v {
+        None => Ok(0),
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be in [0, {MAX_TOP_LOGPROBS}], got {n}"),
+        )),
+    }
+}
+
+impl Message {
+    /// The text of the content (parts concatenated); other part types are
+    /// refused.
+    pub(crate) fn text(&self) -> Result<String, ApiError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(s)) => Ok(s.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut out = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => out.push_str(t),
+                        (k, _) => {
+                            return Err(ApiError::invalid(
+                                "messages",
+                                format!(
+                                    "content parts of type '{k}' are not supported (text only)"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}

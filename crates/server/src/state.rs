@@ -1,0 +1,289 @@
+//! What the handlers share: the loaded model and its engine, the tenants
+//! (API keys), the sessions each tenant owns, and the metrics.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use strata_engine::{Engine, EngineConfig, ModelRunner, SchedulerConfig, SessionId};
+use strata_kv::HashKey;
+use strata_model::{ChatMessage, ChatTemplate, Gguf, LlamaModel, LoadOptions, Tokenizer};
+use strata_store::Arena;
+use subtle::ConstantTimeEq;
+
+use crate::cli::ServeArgs;
+use crate::metrics::Metrics;
+
+/// The model being served.
+pub(crate) struct Loaded {
+    /// Its engine.
+    pub(crate) engine: Engine,
+    /// Its tokenizer.
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    /// Its chat template (chat completions need one).
+    pub(crate) template: Option<ChatTemplate>,
+    /// The name clients use.
+    pub(crate) name: String,
+    /// Unix seconds when it was loaded.
+    pub(crate) created: u64,
+    /// The vocabulary size.
+    pub(crate) vocab: usize,
+}
+
+/// One API key: who a request is.
+pub(crate) struct Tenant {
+    /// BLAKE3 of the key (compared in constant time).
+    key_hash: [u8; 32],
+    /// The cache salt of its requests (a keyed hash of the key).
+    pub(crate) salt: Option<Vec<u8>>,
+    /// Its index (sessions record it).
+    pub(crate) index: usize,
+}
+
+/// A session as the server keeps it: the engine's id, the tenant that owns
+/// it, and what the chat template needs to continue the conversation.
+pub(crate) struct Session {
+    /// The engine's session.
+    pub(crate) id: SessionId,
+    /// The owning tenant's index.
+    pub(crate) owner: usize,
+    /// The conversation so far (assistant replies as generated).
+    pub(crate) history: Vec<ChatMessage>,
+    /// Whether the last reply ended with the end-of-sequence token (then
+    /// the template's closing marker is already in the session's tokens).
+    pub(crate) ended_with_eos: bool,
+    /// Created, Unix seconds.
+    pub(crate) created: u64,
+    /// A turn is running.
+    pub(crate) busy: bool,
+    /// Continued with raw completions (no chat history).
+    pub(crate) raw: bool,
+}
+
+/// Shared by every handler.
+pub(crate) struct AppState {
+    /// Set once the model is loaded; until then the API answers 503.
+    pub(crate) loaded: OnceLock<Arc<Loaded>>,
+    /// The API keys; empty: no authentication, one anonymous tenant.
+    pub(crate) tenants: Vec<Tenant>,
+    /// The anonymous tenant (used when there are no keys).
+    pub(crate) anonymous: Tenant,
+    /// Sessions by their public id.
+    pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    /// Metrics.
+    pub(crate) metrics: Metrics,
+    /// The configuration.
+    pub(crate) args: ServeArgs,
+    /// Shutting down: `/health` answers 503.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+}
+
+impl AppState {
+    /// The state of a server that is still loading its model.
+    pub(crate) fn new(args: ServeArgs, hash_key: HashKey, metrics: Metrics) -> Self {
+        let tenants = args
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| Tenant {
+                key_hash: *blake3::hash(key.as_bytes()).as_bytes(),
+                salt: Some(
+                    blake3::keyed_hash(hash_key.as_bytes(), key.as_bytes())
+                        .as_bytes()
+                        .to_vec(),
+                ),
+                index,
+            })
+            .collect();
+        Self {
+            loaded: OnceLock::new(),
+            tenants,
+            anonymous: Tenant {
+                key_hash: [0; 32],
+                salt: None,
+                index: usize::MAX,
+            },
+            sessions: Mutex::new(HashMap::new()),
+            metrics,
+            args,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The tenant a bearer token names: every key is compared, in constant
+    /// time, so the answer's timing says nothing about which one matched or
+    /// how close a guess was.
+    pub(crate) fn tenant(&self, bearer: Option<&str>) -> Option<&Tenant> {
+        if self.tenants.is_empty() {
+            return Some(&self.anonymous);
+        }
+        let given = *blake3::hash(bearer.unwrap_or("").as_bytes()).as_bytes();
+        let mut found = None;
+        for t in &self.tenants {
+            if bool::from(t.key_hash.ct_eq(&given)) {
+                found = Some(t);
+            }
+        }
+        bearer.and(found)
+    }
+
+    /// Locks the sessions, ignoring poison (no handler panics while holding it).
+    pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The installation's hash key, kept in the cache directory (created with
+/// random bytes the first time, readable by the owner only): cached KV is
+/// keyed by it, so it must outlive restarts (the tiers of 5/6) and never
+/// leave the machine.
+pub(crate) fn hash_key(dir: &Path) -> Result<HashKey, String> {
+    let path = dir.join("hash-key");
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let bytes: [u8; 32] = b.as_slice().try_into().map_err(|_| {
+                format!(
+                    "{} is damaged ({} bytes, expected 32); delete it to make a new one (cached prefixes are then lost)",
+                    path.display(),
+                    b.len()
+                )
+            })?;
+            Ok(HashKey::from_bytes(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| format!("no randomness for the hash key: {e}"))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let tmp = dir.join(format!("hash-key.{}.tmp", std::process::id()));
+            write_private(&tmp, &bytes)
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            // Another process may have won the race: use what is there.
+            hash_key(dir)
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// How the KV cache was sized (logged at start).
+pub(crate) struct Sizing {
+    /// Blocks.
+    pub(crate) blocks: usize,
+    /// Bytes.
+    pub(crate) bytes: u64,
+    /// Context limit in force.
+    pub(crate) context: usize,
+    /// Compute threads.
+    pub(crate) threads: usize,
+}
+
+/// Loads the model and starts its engine (blocking: run it off the async
+/// runtime).
+pub(crate) fn load(
+    args: &ServeArgs,
+    path: &Path,
+    hash_key: &HashKey,
+    threads: usize,
+) -> Result<(Loaded, Sizing), String> {
+    let mut gguf = Gguf::open(path).map_err(|e| e.to_string())?;
+    let tokenizer = Arc::new(Tokenizer::from_gguf(gguf.content()).map_err(|e| e.to_string())?);
+    let template =
+        ChatTemplate::from_gguf(gguf.content(), &tokenizer).map_err(|e| e.to_string())?;
+    let model = Arc::new(
+        LlamaModel::load(
+            &mut gguf,
+            LoadOptions {
+                threads,
+                requantize: false,
+            },
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let bs = args.block_size as usize;
+    let per_block = model.arena_layout(1, bs).block_bytes() as u64;
+    let blocks = match args.kv_blocks {
+        Some(b) => b,
+        None => usize::try_from(args.kv_memory / per_block).unwrap_or(usize::MAX),
+    };
+    if blocks < 2 {
+        return Err(format!(
+            "a KV capacity of {blocks} blocks cannot hold a sequence (a block of {bs} tokens takes {per_block} bytes); raise --kv-memory or --kv-blocks"
+        ));
+    }
+    let arena = Arena::new(model.arena_layout(blocks, bs)).map_err(|e| e.to_string())?;
+    let cfg = model.config();
+    let context = args
+        .context
+        .unwrap_or(cfg.context_length)
+        .min(cfg.context_length);
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| "model".into())
+    });
+    let vocab = cfg.vocab;
+    let engine = Engine::start(
+        ModelRunner::new(model.clone(), arena),
+        EngineConfig {
+            num_blocks: blocks,
+            block_size: bs,
+            context,
+            vocab,
+            eos: tokenizer.eos().to_vec(),
+            model_fingerprint: model.fingerprint(bs),
+            hash_key: hash_key.clone(),
+            scheduler: SchedulerConfig {
+                max_step_tokens: args.max_batch_tokens.max(1),
+                max_running: args.max_running.max(1),
+                sanitize: args.sanitize,
+            },
+            queue_limit: args.queue_limit,
+            model_name: name.clone(),
+            session_ttl: args.session_ttl,
+            tokenizer: Some(tokenizer.clone()),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let sizing = Sizing {
+        blocks,
+        bytes: blocks as u64 * per_block,
+        context: engine.context(),
+        threads,
+    };
+    Ok((
+        Loaded {
+            engine,
+            tokenizer,
+            template,
+            name,
+            created: unix_now(),
+            vocab,
+        },
+        sizing,
+    ))
+}
