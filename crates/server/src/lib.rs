@@ -129,6 +129,14 @@ impl Server {
         self.state.loaded.get().map(|l| l.engine.stats())
     }
 
+    /// Blocks until no request is live and no step is in flight (tests and
+    /// tools; never from async code).
+    pub fn wait_idle(&self) {
+        if let Some(l) = self.state.loaded.get() {
+            l.engine.wait_idle();
+        }
+    }
+
     /// Stops accepting connections, gives running requests `grace` to
     /// finish, then aborts the rest and waits for the connections to close.
     pub async fn shutdown(mut self, grace: Duration) {

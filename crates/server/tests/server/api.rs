@@ -1,0 +1,416 @@
+//! The API on the tiny model: shapes of every endpoint, streaming, prefix
+//! hits, sessions and tenants, salts, metrics.
+
+use serde_json::{Value, json};
+
+use crate::harness::TestServer;
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    })
+}
+
+/// The content deltas of a streamed chat, and the chunks parsed.
+fn chat_deltas(events: &[String]) -> (String, Vec<Value>) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    (text, chunks)
+}
+
+fn usage_is_consistent(u: &Value) {
+    let p = u["prompt_tokens"].as_u64().unwrap();
+    let c = u["completion_tokens"].as_u64().unwrap();
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), p + c, "{u}");
+    assert!(
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            <= p,
+        "{u}"
+    );
+}
+
+#[test]
+fn chat_and_completions_answer_whole_and_streamed_alike() {
+    let s = TestServer::tiny(&[]);
+    let whole = s.post("/v1/chat/completions", &chat("hello there", 12));
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let w = whole.json();
+    assert_eq!(w["object"], "chat.completion");
+    assert_eq!(w["model"], "tiny");
+    assert_eq!(w["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(w["choices"][0]["finish_reason"], "length");
+    assert_eq!(w["usage"]["completion_tokens"], 12);
+    usage_is_consistent(&w["usage"]);
+    let content = w["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut body = chat("hello there", 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = s.stream("/v1/chat/completions", &body);
+    let (streamed, chunks) = chat_deltas(&events);
+    assert_eq!(streamed, content, "greedy: streamed and whole agree");
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    usage_is_consistent(&usage["usage"]);
+
+    // Text completions, with a token-id prompt, echo and logprobs.
+    let ids = s
+        .post("/tokenize", &json!({"content": "once upon a time"}))
+        .json()["tokens"]
+        .clone();
+    let c = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 2, "echo": true}),
+    );
+    assert_eq!(c.status, 200, "{}", c.body);
+    let c = c.json();
+    assert_eq!(c["object"], "text_completion");
+    let text = c["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("once upon a time"), "{text:?}");
+    let lp = &c["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 6);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 6);
+    for top in lp["top_logprobs"].as_array().unwrap() {
+        assert_eq!(top.as_object().unwrap().len(), 2, "{top}");
+    }
+    for l in lp["token_logprobs"].as_array().unwrap() {
+        assert!(l.as_f64().unwrap() <= 0.0);
+    }
+    let events = s.stream(
+        "/v1/completions",
+        &json!({"prompt": "once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true}),
+    );
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(format!("once upon a time{streamed}"), text);
+
+    // Chat logprobs.
+    let mut body = chat("hi", 4);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let r = s.post("/v1/chat/completions", &body).json();
+    let content = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(content.len(), 4);
+    for t in content {
+        assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 3, "{t}");
+        assert!(t["bytes"].is_array());
+    }
+    s.wait_idle();
+}
+
+#[test]
+fn a_second_identical_request_reports_cached_tokens() {
+    let s = TestServer::tiny(&[]);
+    let first = s
+        .post(
+            "/v1/chat/completions",
+            &chat("the same question, asked twice", 4),
+        )
+        .json();
+    let second = s
+        .post(
+            "/v1/chat/completions",
+            &chat("the same question, asked twice", 4),
+        )
+        .json();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        first["choices"][0]["message"],
+        second["choices"][0]["message"]
+    );
+    // Every full block of the prompt (blocks of 4 tokens) but the last token.
+    assert!(
+        cached > 0 && cached >= (prompt - 1) / 4 * 4,
+        "{cached} of {prompt}"
+    );
+    assert!(s.metric("vllm:prefix_cache_hits_total") >= cached as f64);
+}
+
+#[test]
+fn stop_strings_cut_the_answer() {
+    let s = TestServer::tiny(&[]);
+    let free = s
+        .post("/v1/chat/completions", &chat("tell me a story", 24))
+        .json();
+    let text = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 6, "{text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let mut body = chat("tell me a story", 24);
+    body["stop"] = json!([stop]);
+    let cut = s.post("/v1/chat/completions", &body).json();
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        cut["choices"][0]["message"]["content"].as_str().unwrap(),
+        &text[..text.find(&stop).unwrap()]
+    );
+}
+
+#[test]
+fn models_tokenize_detokenize_health_and_metrics() {
+    let s = TestServer::tiny(&[]);
+    assert_eq!(s.get("/health").json()["status"], "ok");
+    let m = s.get("/v1/models").json();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(s.get("/v1/models/tiny").status, 200);
+    assert_eq!(s.get("/v1/models/other").status, 404);
+    let t = s
+        .post("/tokenize", &json!({"content": "héllo <|im_start|>"}))
+        .json();
+    let ids = t["tokens"].as_array().unwrap().clone();
+    assert_eq!(
+        ids.last().unwrap(),
+        &json!(1),
+        "special tokens parsed by default"
+    );
+    let d = s.post("/detokenize", &json!({"tokens": ids})).json();
+    assert_eq!(d["content"], "héllo <|im_start|>");
+    let plain = s
+        .post(
+            "/tokenize",
+            &json!({"content": "<|im_start|>", "parse_special": false}),
+        )
+        .json();
+    assert!(plain["tokens"].as_array().unwrap().len() > 1);
+    let chat_ids = s
+        .post(
+            "/tokenize",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .json();
+    assert_eq!(
+        chat_ids["tokens"][0],
+        json!(1),
+        "ChatML starts with <|im_start|>"
+    );
+
+    for _ in 0..3 {
+        assert_eq!(
+            s.post("/v1/chat/completions", &chat("count me", 3)).status,
+            200
+        );
+    }
+    let text = s.get("/metrics").body;
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+        "strata:kv_blocks_free",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert_eq!(s.metric("vllm:time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(s.metric("vllm:generation_tokens_total"), 9.0);
+    assert_eq!(s.metric("vllm:request_success_total"), 3.0);
+}
+
+#[test]
+fn sessions_continue_belong_to_their_key_and_refuse_a_second_turn() {
+    let s = TestServer::tiny(&["--api-key", "key-a", "--api-key", "key-b"]);
+    let created = s.post("/v1/sessions", &json!({}));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let turn = |content: &str| {
+        let mut b = chat(content, 5);
+        b["session"] = json!(id);
+        let r = s.post("/v1/chat/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let t1 = turn("my name is Ada");
+    let t2 = turn("what is my name?");
+    let total1 = t1["usage"]["total_tokens"].as_u64().unwrap();
+    let p2 = t2["usage"]["prompt_tokens"].as_u64().unwrap();
+    let c2 = t2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // The second turn's prompt is the whole conversation; all of the first
+    // turn (but its last sampled token, not yet computed) was kept.
+    assert!(p2 > total1, "{p2} vs {total1}");
+    assert!(c2 >= total1 - 1, "cached {c2} of the first turn's {total1}");
+
+    // Another key cannot see, use or delete it.
+    let list_b = s.get_as("/v1/sessions", Some("key-b")).json();
+    assert_eq!(list_b["data"], json!([]));
+    let mut b = chat("hi", 2);
+    b["session"] = json!(id);
+    let r = s.post_raw(
+        "/v1/chat/completions",
+        "application/json",
+        b.to_string().as_bytes(),
+        Some("key-b"),
+    );
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (404, "not_found_error")
+    );
+    assert_eq!(
+        s.delete(&format!("/v1/sessions/{id}"), Some("key-b"))
+            .status,
+        404
+    );
+    let list_a = s.get("/v1/sessions").json();
+    assert_eq!(list_a["data"][0]["id"], json!(id));
+    assert!(list_a["data"][0]["tokens"].as_u64().unwrap() >= p2);
+
+    // A second turn while one streams: 409.
+    let mut streaming = chat("tell me more", 200);
+    streaming["session"] = json!(id);
+    streaming["stream"] = json!(true);
+    let mut open = s.open_stream("/v1/chat/completions", &streaming);
+    assert!(open.next_data().is_some());
+    let r = s.post("/v1/chat/completions", &b);
+    assert_eq!(r.status, 409, "{}", r.body);
+    drop(open);
+    // Deleting it (even mid-turn) is safe; then it is gone.
+    let d = s.delete(&format!("/v1/sessions/{id}"), Some("key-a"));
+    assert_eq!(d.status, 200, "{}", d.body);
+    let r = s.post("/v1/chat/completions", &b);
+    assert_eq!(r.status, 404, "{}", r.body);
+    s.wait_idle();
+    let st = s.server().stats().unwrap();
+    assert_eq!(st.pool.owned + st.pool.quarantined, 0, "{st:?}");
+}
+
+#[test]
+fn cache_salts_separate_prefixes_and_need_the_operator() {
+    let closed = TestServer::tiny(&[]);
+    let mut b = chat("salted", 2);
+    b["cache_salt"] = json!("x");
+    let r = closed.post("/v1/chat/completions", &b);
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request_error")
+    );
+
+    let s = TestServer::tiny(&["--allow-client-salt"]);
+    let cached = |salt: &str| {
+        let mut b = chat("a prompt shared by salts", 2);
+        b["cache_salt"] = json!(salt);
+        s.post("/v1/chat/completions", &b).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(cached("tenant-1"), 0);
+    assert_eq!(cached("tenant-2"), 0, "another salt shares nothing");
+    assert!(cached("tenant-1") > 0, "the same salt hits");
+}
+
+#[test]
+fn keys_are_required_when_configured() {
+    let s = TestServer::tiny(&["--api-key", "secret"]);
+    let body = chat("hi", 2).to_string();
+    for key in [None, Some("wrong"), Some("secre"), Some("secret2")] {
+        let r = s.post_raw(
+            "/v1/chat/completions",
+            "application/json",
+            body.as_bytes(),
+            key,
+        );
+        assert_eq!(
+            (r.status, r.error_type().as_str()),
+            (401, "authentication_error"),
+            "{key:?}"
+        );
+    }
+    assert_eq!(s.get_as("/v1/models", None).status, 401);
+    let r = s.post_raw(
+        "/v1/chat/completions",
+        "application/json",
+        body.as_bytes(),
+        Some("secret"),
+    );
+    assert_eq!(r.status, 200);
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(s.get_as("/health", None).status, 200);
+    assert_eq!(s.get_as("/metrics", None).status, 200);
+}
+
+#[test]
+fn a_model_that_fails_to_load_says_why_and_health_stays_503() {
+    let argv = [
+        "strata",
+        "serve",
+        "--port",
+        "0",
+        "--model",
+        "/nonexistent/model.gguf",
+    ];
+    let args = match <strata_server::cli::Cli as clap::Parser>::parse_from(argv).command {
+        strata_server::cli::Command::Serve(a) => *a,
+        strata_server::cli::Command::FetchModel => unreachable!(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut server = rt
+        .block_on(strata_server::Server::start(args, Box::new(|_| {})))
+        .unwrap();
+    let err = rt.block_on(server.ready()).unwrap_err();
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("http://{}/health", server.addr()))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.body_mut().read_to_string().unwrap().contains("loading"));
+    let mut r = agent
+        .post(format!("http://{}/v1/completions", server.addr()))
+        .header("Content-Type", "application/json")
+        .send("{\"prompt\": \"hi\"}")
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let _ = r.body_mut().read_to_string();
+    rt.block_on(server.shutdown(std::time::Duration::from_secs(1)));
+}

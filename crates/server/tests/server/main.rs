@@ -1,0 +1,10 @@
+//! Server tests over HTTP: the tiny model for most, the real model end to
+//! end. One binary, modules.
+
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod errors;
+mod harness;
+mod load;
+mod real;
