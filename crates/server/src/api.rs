@@ -404,7 +404,10 @@ impl Generation {
     fn log(&self, reason: &str, usage: &Usage) {
         tracing::info!(
             id = %self.id,
-            tenant = self.tenant as i64,
+            tenant = %match self.tenant {
+                usize::MAX => "anonymous".to_string(),
+                i => format!("key {}", i + 1),
+            },
             prompt_tokens = usage.prompt_tokens,
             cached_tokens = usage.cached_tokens,
             completion_tokens = usage.completion_tokens,

@@ -255,3 +255,19 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(r.retry_after.as_deref(), Some("1"));
     assert_eq!(r.error_type(), "server_overloaded");
 }
+
+#[test]
+fn a_request_past_its_timeout_gets_408_and_gives_its_blocks_back() {
+    // A zero timeout: the first wait for a token is already past it (400
+    // tokens cannot all be ready at the handler's first look).
+    let s = TestServer::tiny(&["--request-timeout", "0"]);
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 400, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 408, "{}", r.body);
+    assert_eq!(r.error_type(), "timeout_error");
+    s.wait_idle();
+    let st = s.server().stats().unwrap();
+    assert_eq!(st.pool.owned + st.pool.quarantined, 0, "{st:?}");
+}
