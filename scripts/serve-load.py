@@ -73,7 +73,7 @@ def one(url, prompt, max_tokens, start, out, k):
             chunks += 1
     conn.close()
     generated = usage["completion_tokens"] if usage else chunks
-    out[k] = (generated, first, time.monotonic())
+    out[k] = (generated, first, time.monotonic(), t0)
 
 
 def run(url, prompts, max_tokens):
@@ -102,6 +102,11 @@ def main():
     ap.add_argument("--url", required=True)
     ap.add_argument("--clients", type=int, help="distinct 230-token prompts")
     ap.add_argument("--shared", action="store_true", help="4 clients, shared 1,400-token prefix")
+    ap.add_argument(
+        "--ttft",
+        action="store_true",
+        help="one client: a cold 1,530-token prompt, the same again, the same 1,400-token prefix with a new ending",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--label", default="server")
     a = ap.parse_args()
@@ -114,6 +119,33 @@ def main():
         print(
             f"FIGURE {a.label}: aggregate output, {n} concurrent requests "
             f"(230-token prompts, 128 out): {statistics.median(rates):.1f} tok/s",
+            flush=True,
+        )
+    if a.ttft:
+        cases = {"cold": [], "identical": [], "new ending": []}
+        decode = []
+        for r in range(a.runs):
+            prefix = tokens(1400, 7000 + r)
+            first = prefix + tokens(130, 8000 + r)
+            other = prefix + tokens(130, 9000 + r)
+            for name, prompt in (("cold", first), ("identical", first), ("new ending", other)):
+                out = [None]
+                start = threading.Event()
+                start.set()
+                one(a.url, prompt, 128, start, out, 0)
+                generated, ttft, end, t0 = out[0]
+                cases[name].append(ttft)
+                # Decode rate after the first token.
+                decode.append((generated - 1) / max(end - t0 - ttft, 1e-9))
+        for name, v in cases.items():
+            print(
+                f"FIGURE {a.label}: TTFT {name} (1,530-token prompt, one client): "
+                f"{statistics.median(v) * 1000:.0f} ms",
+                flush=True,
+            )
+        print(
+            f"FIGURE {a.label}: decode after the first token, one client: "
+            f"{statistics.median(decode):.1f} tok/s",
             flush=True,
         )
     if a.shared:

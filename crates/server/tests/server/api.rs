@@ -414,3 +414,30 @@ fn a_model_that_fails_to_load_says_why_and_health_stays_503() {
     let _ = r.body_mut().read_to_string();
     rt.block_on(server.shutdown(std::time::Duration::from_secs(1)));
 }
+
+#[test]
+fn shutdown_after_the_grace_period_aborts_what_runs() {
+    let s = TestServer::tiny(&["--max-batch-tokens", "1"]);
+    let body =
+        json!({"prompt": "a long story", "max_tokens": 480, "ignore_eos": true, "stream": true});
+    let mut stream = s.open_stream("/v1/completions", &body);
+    assert!(stream.next_data().is_some());
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        while let Some(d) = stream.next_data() {
+            let done = d == "[DONE]";
+            all.push(d);
+            if done {
+                break;
+            }
+        }
+        all
+    });
+    // No grace: the request (480 tokens, one per step) is still running.
+    s.shutdown(std::time::Duration::ZERO);
+    let all = reader.join().unwrap();
+    assert_eq!(all.last().map(String::as_str), Some("[DONE]"));
+    let error: serde_json::Value = serde_json::from_str(&all[all.len() - 2]).unwrap();
+    assert_eq!(error["error"]["type"], "server_overloaded", "{error}");
+    assert!(all.len() < 480);
+}

@@ -223,6 +223,12 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
     }
 
+    /// Shuts the server down now (as on SIGTERM), with `grace` for what runs.
+    pub(crate) fn shutdown(mut self, grace: Duration) {
+        let s = self.server.take().unwrap();
+        self.rt.block_on(s.shutdown(grace));
+    }
+
     /// Waits until no request is live and no step is in flight.
     pub(crate) fn wait_idle(&self) {
         self.server().wait_idle();
