@@ -38,7 +38,8 @@ fn tokens(n: usize, seed: u32) -> Vec<TokenId> {
 }
 
 fn engine(model: &Arc<LlamaModel>) -> Engine {
-    let (blocks, bs) = (1024, 16);
+    // The server's defaults: 4-token blocks, 1 GiB of KV.
+    let (blocks, bs) = (11_650, 4);
     let arena = Arena::new(model.arena_layout(blocks, bs)).unwrap();
     Engine::start(
         ModelRunner::new(model.clone(), arena),

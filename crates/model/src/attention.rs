@@ -420,6 +420,11 @@ mod avx2 {
 
     /// Scaled scores of the K rows (at `stride`) against the G query heads,
     /// into `scores[h * n + s]`.
+    ///
+    /// Four positions at a time, each with its own accumulator, so the
+    /// FMA chains overlap; the four dots are reduced together in exactly
+    /// [`hsum`]'s order, so every score has the same bits as one dot at a
+    /// time would give.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn scores(
@@ -432,10 +437,54 @@ mod avx2 {
         scores: &mut [f32],
         n: usize,
     ) {
-        for s in 0..n {
-            let kr = &k[s * stride..s * stride + hd];
-            for h in 0..group {
-                let qh = &q[h * hd..(h + 1) * hd];
+        if n == 0 {
+            return;
+        }
+        assert!(
+            hd.is_multiple_of(8)
+                && k.len() >= (n - 1) * stride + hd
+                && q.len() >= group * hd
+                && scores.len() >= group * n,
+            "attention scores: slices too short for their shape"
+        );
+        let scale4 = _mm_set1_ps(scale);
+        for h in 0..group {
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut s = 0;
+            while s + 4 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in (0..hd).step_by(8) {
+                    // SAFETY: c + 8 <= hd, and (s + j) * stride + c + 8 <=
+                    // (n - 1) * stride + hd <= k.len() (asserted above).
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qh.as_ptr().add(c));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let kv = _mm256_loadu_ps(k.as_ptr().add((s + j) * stride + c));
+                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                        }
+                    }
+                }
+                let x =
+                    acc.map(|a| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+                // Transpose, so lane i of c[j] is lane j of x[i].
+                let t0 = _mm_unpacklo_ps(x[0], x[1]);
+                let t1 = _mm_unpacklo_ps(x[2], x[3]);
+                let t2 = _mm_unpackhi_ps(x[0], x[1]);
+                let t3 = _mm_unpackhi_ps(x[2], x[3]);
+                let c0 = _mm_movelh_ps(t0, t1);
+                let c1 = _mm_movehl_ps(t1, t0);
+                let c2 = _mm_movelh_ps(t2, t3);
+                let c3 = _mm_movehl_ps(t3, t2);
+                // (x0 + x2) + (x1 + x3), as hsum adds.
+                let sum = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
+                // SAFETY: h * n + s + 4 <= group * n <= scores.len().
+                unsafe {
+                    _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
+                }
+                s += 4;
+            }
+            for s in s..n {
+                let kr = &k[s * stride..s * stride + hd];
                 let mut acc = _mm256_setzero_ps();
                 for (a, b) in qh.chunks_exact(8).zip(kr.chunks_exact(8)) {
                     // SAFETY: 8 readable floats each.
@@ -482,6 +531,11 @@ mod avx2 {
     }
 
     /// `o[h] = sum_s scores[h * n + s] * v[s]` over the V rows (at `stride`).
+    ///
+    /// Each head's output is accumulated in registers, 64 dimensions (8
+    /// vectors) at a time, over all positions; every element still sums
+    /// its terms in position order from zero, so the bits are those of a
+    /// plain loop.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn weighted_sum(
@@ -494,25 +548,69 @@ mod avx2 {
         o: &mut [f32],
     ) {
         o.fill(0.0);
-        for s in 0..n {
-            let vr = &v[s * stride..s * stride + hd];
-            for h in 0..group {
-                let w = _mm256_set1_ps(scores[h * n + s]);
-                for (x, y) in o[h * hd..(h + 1) * hd]
-                    .chunks_exact_mut(8)
-                    .zip(vr.chunks_exact(8))
-                {
-                    // SAFETY: 8 readable (and writable) floats each.
-                    unsafe {
-                        let r = _mm256_fmadd_ps(
-                            w,
-                            _mm256_loadu_ps(y.as_ptr()),
-                            _mm256_loadu_ps(x.as_ptr()),
-                        );
-                        _mm256_storeu_ps(x.as_mut_ptr(), r);
-                    }
+        if n == 0 {
+            return;
+        }
+        assert!(
+            hd.is_multiple_of(8)
+                && v.len() >= (n - 1) * stride + hd
+                && scores.len() >= group * n
+                && o.len() >= group * hd,
+            "attention weighted sum: slices too short for their shape"
+        );
+        for h in 0..group {
+            let mut d = 0;
+            while d + 64 <= hd {
+                // SAFETY: shapes asserted above; d + 64 <= hd.
+                unsafe {
+                    tile::<8>(
+                        v,
+                        stride,
+                        &scores[h * n..(h + 1) * n],
+                        &mut o[h * hd + d..],
+                        d,
+                    )
+                };
+                d += 64;
+            }
+            while d < hd {
+                // SAFETY: as above; d + 8 <= hd.
+                unsafe {
+                    tile::<1>(
+                        v,
+                        stride,
+                        &scores[h * n..(h + 1) * n],
+                        &mut o[h * hd + d..],
+                        d,
+                    )
+                };
+                d += 8;
+            }
+        }
+    }
+
+    /// `o[..8 * NV] = sum_s w[s] * v[s][d..d + 8 * NV]`, in registers.
+    ///
+    /// # Safety
+    /// `v` holds `w.len()` rows at `stride` with `d + 8 * NV` readable
+    /// floats each; `o` has `8 * NV` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const NV: usize>(v: &[f32], stride: usize, w: &[f32], o: &mut [f32], d: usize) {
+        let mut acc = [_mm256_setzero_ps(); NV];
+        for (s, &ws) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(ws);
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's promise.
+                unsafe {
+                    let x = _mm256_loadu_ps(v.as_ptr().add(s * stride + d + 8 * j));
+                    *a = _mm256_fmadd_ps(wv, x, *a);
                 }
             }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: the caller's promise.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
         }
     }
 

@@ -65,7 +65,7 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
 
     /// KV cache capacity in bytes (suffixes K, M, G, KiB, MiB, GiB). With
-    /// the default model a token takes 23,040 bytes: 1GiB holds 46,592
+    /// the default model a token takes 23,040 bytes: 1GiB holds 46,600
     /// tokens.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes, conflicts_with = "kv_blocks")]
     pub kv_memory: u64,
@@ -74,8 +74,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub kv_blocks: Option<usize>,
 
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Tokens per KV block. Prefixes are shared in whole blocks, so a
+    /// repeated prompt recomputes up to this many tokens minus one; small
+    /// blocks cost little on CPU.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub block_size: u32,
 
     /// Sequences running at once.

@@ -57,6 +57,13 @@ impl Server {
         ));
         let (stop, mut stopped) = watch::channel(false);
         let app = api::router(state.clone());
+        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's
+        // algorithm holds each behind the previous one's (delayed) ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("cannot set TCP_NODELAY: {e}");
+            }
+        });
         let serve = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
