@@ -398,8 +398,15 @@ impl Scheduler {
         self.waiting.len() + self.running.len()
     }
 
+    /// Whether `s` has a row to compute: prompt tokens not yet computed,
+    /// or the token being sampled, if another token will be wanted after
+    /// it (a row past `max_tokens` would be computed only to be thrown
+    /// away, and on 2 cores it would delay the next request).
     fn plannable(&self, s: &Seq) -> bool {
-        s.computed < s.tokens.len() || (s.computed == s.tokens.len() && s.outstanding == 1)
+        s.computed < s.tokens.len()
+            || (s.computed == s.tokens.len()
+                && s.outstanding == 1
+                && s.generated() + s.outstanding < s.max_tokens)
     }
 
     /// Aborts every request whose client went away.

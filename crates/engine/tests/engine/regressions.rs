@@ -111,6 +111,19 @@ fn request(prompt: Vec<TokenId>, max_tokens: usize) -> Request {
     }
 }
 
+/// A request that ends at a stop token, as at an end-of-sequence token:
+/// unlike `max_tokens`, the engine cannot know in advance, so the step
+/// planned while its last token is sampled still carries its (wasted) row.
+/// Returns the request and the tokens it must produce (about `n`).
+fn stopping(prompt: &[TokenId], n: usize) -> (Request, Vec<TokenId>) {
+    let exp = expected(prompt, n + 4);
+    let stop = exp[n - 1];
+    let first = exp.iter().position(|t| *t == stop).unwrap_or(n - 1);
+    let mut r = request(prompt.to_vec(), n + 4);
+    r.stop.stop_token_ids = vec![stop];
+    (r, exp[..=first].to_vec())
+}
+
 fn tokens(seed: u32, n: usize) -> Vec<TokenId> {
     (0..n as u32)
         .map(|i| TokenId::new(3 + (i * 7 + seed * 13) % (VOCAB as u32 - 3)))
@@ -135,12 +148,10 @@ fn expected(prompt: &[TokenId], n: usize) -> Vec<TokenId> {
 fn mlx_blocks_of_a_finished_request_wait_for_the_step_still_using_them() {
     let h = Harness::new(12, 4);
     let a_prompt = tokens(1, 9);
-    let mut a = h.engine.submit(request(a_prompt.clone(), 3)).unwrap();
+    let (a_req, a_expected) = stopping(&a_prompt, 3);
+    let mut a = h.engine.submit(a_req).unwrap();
     let (got, reason) = h.run_until_done(&mut a);
-    assert_eq!(
-        (got, reason),
-        (expected(&a_prompt, 3), FinishReason::Length)
-    );
+    assert_eq!((got, reason), (a_expected, FinishReason::Stop));
     // The step planned while A's last sample was computed carries A's
     // wasted row, and it is held now: A's blocks are quarantined, not free.
     h.held();
@@ -172,12 +183,14 @@ fn omlx_each_finished_request_waits_for_its_own_last_step() {
     let pa = tokens(3, 6);
     let pb = tokens(4, 7);
     let pc = tokens(5, 5);
-    let mut a = h.engine.submit(request(pa.clone(), 2)).unwrap();
-    let mut b = h.engine.submit(request(pb.clone(), 2)).unwrap();
+    let (ra, ea) = stopping(&pa, 2);
+    let (rb, eb) = stopping(&pb, 2);
+    let mut a = h.engine.submit(ra).unwrap();
+    let mut b = h.engine.submit(rb).unwrap();
     let mut c = h.engine.submit(request(pc.clone(), 3)).unwrap();
     let (ga, _) = h.run_until_done(&mut a);
     let (gb, _) = h.run_until_done(&mut b);
-    assert_eq!((ga, gb), (expected(&pa, 2), expected(&pb, 2)));
+    assert_eq!((ga, gb), (ea, eb));
     // A and B have ended; C is still running, and a step is held in
     // flight. Whatever A and B left that a step in flight still uses is
     // quarantined (each block for its own last step: the pool checks it),

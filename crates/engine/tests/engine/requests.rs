@@ -19,6 +19,9 @@ fn a_request_yields_exactly_the_solo_run_tokens() {
     assert_eq!(out.reason, FinishReason::Length);
     assert_eq!(out.usage.prompt_tokens, 23);
     assert_whole(&e);
+    // No row is computed past max_tokens: the prompt, then every sampled
+    // token but the last.
+    assert_eq!(e.stats().counters.rows, 23 + 12 - 1);
 }
 
 #[test]
