@@ -137,27 +137,31 @@ impl KvStore for PagedKv<'_> {
             let (g, lo) = (*g, *lo);
             let last = rows[rs.end - 1].pos + 1;
             let hi = (lo + SPAN).min(last);
-            let (k, v) = gather_span(
-                self.arena,
-                self.tables[rows[rs.start].seq],
-                layer,
-                g,
-                lo..hi,
-                hd,
-            );
-            let mut out = Vec::new();
-            for r in rs.clone() {
-                let n = rows[r].pos + 1;
-                if n <= lo {
-                    continue;
+            SCRATCH.with_borrow_mut(|(k, v)| {
+                gather_span(
+                    self.arena,
+                    self.tables[rows[rs.start].seq],
+                    layer,
+                    g,
+                    lo..hi,
+                    hd,
+                    k,
+                    v,
+                );
+                let mut out = Vec::new();
+                for r in rs.clone() {
+                    let n = rows[r].pos + 1;
+                    if n <= lo {
+                        continue;
+                    }
+                    let len = ((lo + SPAN).min(n) - lo) * hd;
+                    let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
+                    let mut p = vec![0f32; part];
+                    attend_span(qg, &k[..len], &v[..len], hd, group, hd, &mut p);
+                    out.push((first[r * kv_heads + g] + lo / SPAN, p));
                 }
-                let len = ((lo + SPAN).min(n) - lo) * hd;
-                let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
-                let mut p = vec![0f32; part];
-                attend_span(qg, &k[..len], &v[..len], hd, group, hd, &mut p);
-                out.push((first[r * kv_heads + g] + lo / SPAN, p));
-            }
-            out
+                out
+            })
         };
         let merge = |parts: &[f32], (i, o): (usize, &mut [f32])| {
             merge_spans(&parts[first[i] * part..first[i + 1] * part], group, hd, o);
@@ -214,8 +218,20 @@ pub fn merge_spans(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
+thread_local! {
+    /// Each compute thread's K and V buffers for [`gather_span`]: a span is
+    /// up to 64 KiB of each, and allocating and zeroing them per job cost
+    /// more than the attention itself at depth (a decode row at position
+    /// 1,536 runs 540 jobs).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// The paged side of a job: the K and V rows of positions `span` of one KV
-/// head, gathered from the blocks and widened to f32.
+/// head, gathered from the blocks and widened to f32 into the first
+/// `span.len() * hd` values of `k` and `v` (grown if short, never cleared:
+/// every value read is written first).
+#[allow(clippy::too_many_arguments)]
 fn gather_span(
     arena: &Arena,
     table: &[BlockId],
@@ -223,11 +239,15 @@ fn gather_span(
     kv_head: usize,
     span: std::ops::Range<usize>,
     hd: usize,
-) -> (Vec<f32>, Vec<f32>) {
+    k: &mut Vec<f32>,
+    v: &mut Vec<f32>,
+) {
     let bs = arena.layout().block_size;
     let n = span.len();
-    let mut k = vec![0f32; n * hd];
-    let mut v = vec![0f32; n * hd];
+    if k.len() < n * hd {
+        k.resize(n * hd, 0.0);
+        v.resize(n * hd, 0.0);
+    }
     let first = span.start / bs;
     for (j, &block) in (first..).zip(&table[first..span.end.div_ceil(bs)]) {
         let s0 = span.start.max(j * bs) - j * bs;
@@ -243,7 +263,6 @@ fn gather_span(
             &mut v[at..at + len],
         );
     }
-    (k, v)
 }
 
 /// f16 to f32.
