@@ -137,6 +137,30 @@ impl KvStore for PagedKv<'_> {
             let (g, lo) = (*g, *lo);
             let last = rows[rs.end - 1].pos + 1;
             let hi = (lo + SPAN).min(last);
+            if rs.len() <= DIRECT_ROWS {
+                // Few rows: read K and V in place (no widened copy).
+                let bs = self.arena.layout().block_size;
+                let table = self.tables[rows[rs.start].seq];
+                let (mut ks, mut vs) = (Vec::with_capacity(hi - lo), Vec::with_capacity(hi - lo));
+                for p in lo..hi {
+                    let (b, off) = (table[p / bs], (p % bs) * hd);
+                    ks.push(&self.arena.k(b, layer, g)[off..off + hd]);
+                    vs.push(&self.arena.v(b, layer, g)[off..off + hd]);
+                }
+                let mut out = Vec::new();
+                for r in rs.clone() {
+                    let n = rows[r].pos + 1;
+                    if n <= lo {
+                        continue;
+                    }
+                    let len = (lo + SPAN).min(n) - lo;
+                    let qg = &q[r * width + g * chunk..r * width + (g + 1) * chunk];
+                    let mut p = vec![0f32; part];
+                    attend_span_f16(qg, &ks[..len], &vs[..len], group, hd, &mut p);
+                    out.push((first[r * kv_heads + g] + lo / SPAN, p));
+                }
+                return out;
+            }
             SCRATCH.with_borrow_mut(|(k, v)| {
                 gather_span(
                     self.arena,
@@ -190,6 +214,10 @@ impl KvStore for PagedKv<'_> {
 
 /// Rows of one sequence that share a job's widened K and V.
 const ROWS_PER_JOB: usize = 32;
+
+/// Jobs of at most this many rows read K and V in place instead of
+/// widening the span first (decode rows, short prefill tails).
+const DIRECT_ROWS: usize = 4;
 
 /// Combines a row's span results (from [`attend_span`], in span order) into
 /// its G heads' outputs.
@@ -354,6 +382,54 @@ pub fn attend_span(
             }
         }
     }
+}
+
+/// [`attend_span`] over K and V rows read in place as f16, one slice of
+/// `hd` values per position (so rows may sit in different blocks): the same
+/// float operations in the same order on the same values (f16 widens to
+/// f32 exactly), hence the same bits, without copying the span first. For
+/// jobs of one or a few rows, where widening a whole span would cost more
+/// than the dot products.
+pub fn attend_span_f16(
+    q: &[f32],
+    k: &[&[half::f16]],
+    v: &[&[half::f16]],
+    group: usize,
+    hd: usize,
+    part: &mut [f32],
+) {
+    let n = k.len().min(v.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && hd.is_multiple_of(8)
+        && k[..n].iter().chain(&v[..n]).all(|r| r.len() >= hd)
+    {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = vec![0f32; group * n];
+        let (stats, o) = part.split_at_mut(2 * group);
+        // SAFETY: the CPU has the features; every row has hd values.
+        unsafe {
+            avx2::scores_f16(&k[..n], q, group, hd, scale, &mut scores);
+            for h in 0..group {
+                let sc = &mut scores[h * n..(h + 1) * n];
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                stats[h] = max;
+                stats[group + h] = avx2::exp_sum(sc, max);
+            }
+            avx2::weighted_sum_f16(&v[..n], &scores, group, hd, o);
+        }
+        return;
+    }
+    // Elsewhere: widen, then the plain path.
+    let mut kw = vec![0f32; n * hd];
+    let mut vw = vec![0f32; n * hd];
+    for (i, (kr, vr)) in k.iter().zip(v).take(n).enumerate() {
+        widen(&kr[..hd], &mut kw[i * hd..(i + 1) * hd]);
+        widen(&vr[..hd], &mut vw[i * hd..(i + 1) * hd]);
+    }
+    attend_span(q, &kw, &vw, hd, group, hd, part);
 }
 
 /// SiLU-gated product, `a = g * sigmoid(g) * u`, for the FFN.
@@ -633,6 +709,146 @@ mod avx2 {
         }
     }
 
+    /// Eight f16 at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points to 8 readable f16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: the caller's promise.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    /// [`scores`] over K rows read in place as f16 (each at least `hd`
+    /// long): the same tiles and reduction order, so the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scores_f16(
+        k: &[&[f16]],
+        q: &[f32],
+        group: usize,
+        hd: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let n = k.len();
+        assert!(
+            hd.is_multiple_of(8)
+                && k.iter().all(|r| r.len() >= hd)
+                && q.len() >= group * hd
+                && scores.len() >= group * n,
+            "attention scores: slices too short for their shape"
+        );
+        let scale4 = _mm_set1_ps(scale);
+        for h in 0..group {
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut s = 0;
+            while s + 4 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in (0..hd).step_by(8) {
+                    // SAFETY: c + 8 <= hd <= every row's length (asserted).
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qh.as_ptr().add(c));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let kv = load_f16(k[s + j].as_ptr().add(c));
+                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                        }
+                    }
+                }
+                let x =
+                    acc.map(|a| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+                let t0 = _mm_unpacklo_ps(x[0], x[1]);
+                let t1 = _mm_unpacklo_ps(x[2], x[3]);
+                let t2 = _mm_unpackhi_ps(x[0], x[1]);
+                let t3 = _mm_unpackhi_ps(x[2], x[3]);
+                let c0 = _mm_movelh_ps(t0, t1);
+                let c1 = _mm_movehl_ps(t1, t0);
+                let c2 = _mm_movelh_ps(t2, t3);
+                let c3 = _mm_movehl_ps(t3, t2);
+                let sum = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
+                // SAFETY: h * n + s + 4 <= group * n <= scores.len().
+                unsafe {
+                    _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
+                }
+                s += 4;
+            }
+            for s in s..n {
+                let mut acc = _mm256_setzero_ps();
+                for c in (0..hd).step_by(8) {
+                    // SAFETY: as above.
+                    unsafe {
+                        acc = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.as_ptr().add(c)),
+                            load_f16(k[s].as_ptr().add(c)),
+                            acc,
+                        );
+                    }
+                }
+                scores[h * n + s] = hsum(acc) * scale;
+            }
+        }
+    }
+
+    /// [`weighted_sum`] over V rows read in place as f16 (each at least
+    /// `hd` long), in the same order, so the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn weighted_sum_f16(
+        v: &[&[f16]],
+        scores: &[f32],
+        group: usize,
+        hd: usize,
+        o: &mut [f32],
+    ) {
+        let n = v.len();
+        o.fill(0.0);
+        assert!(
+            hd.is_multiple_of(8)
+                && v.iter().all(|r| r.len() >= hd)
+                && scores.len() >= group * n
+                && o.len() >= group * hd,
+            "attention weighted sum: slices too short for their shape"
+        );
+        for h in 0..group {
+            let w = &scores[h * n..(h + 1) * n];
+            let mut d = 0;
+            while d + 64 <= hd {
+                // SAFETY: shapes asserted above; d + 64 <= hd.
+                unsafe { tile_f16::<8>(v, w, &mut o[h * hd + d..], d) };
+                d += 64;
+            }
+            while d < hd {
+                // SAFETY: as above; d + 8 <= hd.
+                unsafe { tile_f16::<1>(v, w, &mut o[h * hd + d..], d) };
+                d += 8;
+            }
+        }
+    }
+
+    /// `o[..8 * NV] = sum_s w[s] * v[s][d..d + 8 * NV]`, in registers.
+    ///
+    /// # Safety
+    /// Every row of `v` has `d + 8 * NV` readable values, `w` is no longer
+    /// than `v`, and `o` has `8 * NV` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_f16<const NV: usize>(v: &[&[f16]], w: &[f32], o: &mut [f32], d: usize) {
+        let mut acc = [_mm256_setzero_ps(); NV];
+        for (row, &ws) in v.iter().zip(w) {
+            let wv = _mm256_set1_ps(ws);
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's promise.
+                unsafe {
+                    let x = load_f16(row.as_ptr().add(d + 8 * j));
+                    *a = _mm256_fmadd_ps(wv, x, *a);
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: the caller's promise.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
+        }
+    }
+
     /// `a = g / (1 + e^-g) * u`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn swiglu(g: &[f32], u: &[f32], a: &mut [f32]) {
@@ -652,6 +868,57 @@ mod avx2 {
         }
         for i in n8..a.len() {
             a[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+
+    /// A small deterministic generator (values in about [-2, 2]).
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
+            })
+            .collect()
+    }
+
+    /// In-place f16 rows give the bits of the widened copy, for every
+    /// length (tile and remainder paths), group and head size.
+    #[test]
+    fn attention_over_f16_rows_equals_the_widened_span_bit_for_bit() {
+        for &(group, hd) in &[(1, 8), (2, 16), (3, 64), (4, 72)] {
+            for n in [1, 2, 3, 4, 5, 7, 17, 64, 255, 256] {
+                let seed = (group * 1000 + hd * 10 + n) as u64;
+                let q = values(seed, group * hd);
+                let k: Vec<f16> = values(seed + 1, n * hd)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let v: Vec<f16> = values(seed + 2, n * hd)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let kw: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+                let vw: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                let part = group * (hd + 2);
+                let mut want = vec![0f32; part];
+                attend_span(&q, &kw, &vw, hd, group, hd, &mut want);
+                let krows: Vec<&[f16]> = k.chunks_exact(hd).collect();
+                let vrows: Vec<&[f16]> = v.chunks_exact(hd).collect();
+                let mut got = vec![0f32; part];
+                attend_span_f16(&q, &krows, &vrows, group, hd, &mut got);
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "group {group} hd {hd} n {n}");
+            }
         }
     }
 }

@@ -17,7 +17,9 @@ mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use attention::{AttnShape, KvStore, PagedKv, Row, SPAN, attend_span, merge_spans};
+pub use attention::{
+    AttnShape, KvStore, PagedKv, Row, SPAN, attend_span, attend_span_f16, merge_spans,
+};
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;
