@@ -476,6 +476,25 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// Four [`hsum`]s at once, lane i of the result being `hsum(acc[i])`
+    /// with the same additions in the same order (so the same bits).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum4(acc: [__m256; 4]) -> __m128 {
+        let x = acc.map(|a| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+        // Transpose, so lane i of c[j] is lane j of x[i].
+        let t0 = _mm_unpacklo_ps(x[0], x[1]);
+        let t1 = _mm_unpacklo_ps(x[2], x[3]);
+        let t2 = _mm_unpackhi_ps(x[0], x[1]);
+        let t3 = _mm_unpackhi_ps(x[2], x[3]);
+        let c0 = _mm_movelh_ps(t0, t1);
+        let c1 = _mm_movehl_ps(t1, t0);
+        let c2 = _mm_movelh_ps(t2, t3);
+        let c3 = _mm_movehl_ps(t3, t2);
+        // (x0 + x2) + (x1 + x3), as hsum adds.
+        _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
+    }
+
     /// `e^x` for each lane (Cephes' single-precision polynomial; relative
     /// error about 2e-7 over the range softmax uses).
     #[inline]
@@ -559,19 +578,7 @@ mod avx2 {
                         }
                     }
                 }
-                let x =
-                    acc.map(|a| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
-                // Transpose, so lane i of c[j] is lane j of x[i].
-                let t0 = _mm_unpacklo_ps(x[0], x[1]);
-                let t1 = _mm_unpacklo_ps(x[2], x[3]);
-                let t2 = _mm_unpackhi_ps(x[0], x[1]);
-                let t3 = _mm_unpackhi_ps(x[2], x[3]);
-                let c0 = _mm_movelh_ps(t0, t1);
-                let c1 = _mm_movehl_ps(t1, t0);
-                let c2 = _mm_movelh_ps(t2, t3);
-                let c3 = _mm_movehl_ps(t3, t2);
-                // (x0 + x2) + (x1 + x3), as hsum adds.
-                let sum = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
+                let sum = hsum4(acc);
                 // SAFETY: h * n + s + 4 <= group * n <= scores.len().
                 unsafe {
                     _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
@@ -755,17 +762,7 @@ mod avx2 {
                         }
                     }
                 }
-                let x =
-                    acc.map(|a| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
-                let t0 = _mm_unpacklo_ps(x[0], x[1]);
-                let t1 = _mm_unpacklo_ps(x[2], x[3]);
-                let t2 = _mm_unpackhi_ps(x[0], x[1]);
-                let t3 = _mm_unpackhi_ps(x[2], x[3]);
-                let c0 = _mm_movelh_ps(t0, t1);
-                let c1 = _mm_movehl_ps(t1, t0);
-                let c2 = _mm_movelh_ps(t2, t3);
-                let c3 = _mm_movehl_ps(t3, t2);
-                let sum = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
+                let sum = hsum4(acc);
                 // SAFETY: h * n + s + 4 <= group * n <= scores.len().
                 unsafe {
                     _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
