@@ -339,14 +339,16 @@ pub fn attend_span(
     {
         // SAFETY: the CPU has the features, and hd is a multiple of 8.
         unsafe {
-            avx2::scores(k, stride, q, group, hd, scale, &mut scores, n);
+            let rows = avx2::F32Rows { data: k, stride, n };
+            avx2::scores(&rows, q, group, hd, scale, &mut scores);
             for h in 0..group {
                 let sc = &mut scores[h * n..(h + 1) * n];
                 let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 stats[h] = max;
                 stats[group + h] = avx2::exp_sum(sc, max);
             }
-            avx2::weighted_sum(v, stride, &scores, n, group, hd, o);
+            let rows = avx2::F32Rows { data: v, stride, n };
+            avx2::weighted_sum(&rows, &scores, group, hd, o);
         }
         return;
     }
@@ -411,14 +413,14 @@ pub fn attend_span_f16(
         let (stats, o) = part.split_at_mut(2 * group);
         // SAFETY: the CPU has the features; every row has hd values.
         unsafe {
-            avx2::scores_f16(&k[..n], q, group, hd, scale, &mut scores);
+            avx2::scores(&avx2::F16Rows(&k[..n]), q, group, hd, scale, &mut scores);
             for h in 0..group {
                 let sc = &mut scores[h * n..(h + 1) * n];
                 let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 stats[h] = max;
                 stats[group + h] = avx2::exp_sum(sc, max);
             }
-            avx2::weighted_sum_f16(&v[..n], &scores, group, hd, o);
+            avx2::weighted_sum(&avx2::F16Rows(&v[..n]), &scores, group, hd, o);
         }
         return;
     }
@@ -532,31 +534,88 @@ mod avx2 {
         _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
 
-    /// Scaled scores of the K rows (at `stride`) against the G query heads,
-    /// into `scores[h * n + s]`.
+    /// K or V rows of one span, as the kernels read them: contiguous f32
+    /// at a stride (a widened span), or f16 rows read in place.
+    pub(super) trait Rows {
+        /// Rows.
+        fn count(&self) -> usize;
+        /// Whether every row has `hd` readable values.
+        fn fits(&self, hd: usize) -> bool;
+        /// Eight values of row `s` from column `c`, as f32.
+        ///
+        /// # Safety
+        /// `s < count()` and `c + 8 <= hd` for an `hd` that `fits`.
+        unsafe fn load8(&self, s: usize, c: usize) -> __m256;
+    }
+
+    /// `n` rows of f32 at `stride`.
+    pub(super) struct F32Rows<'a> {
+        pub(super) data: &'a [f32],
+        pub(super) stride: usize,
+        pub(super) n: usize,
+    }
+
+    impl Rows for F32Rows<'_> {
+        fn count(&self) -> usize {
+            self.n
+        }
+
+        fn fits(&self, hd: usize) -> bool {
+            self.n == 0 || self.data.len() >= (self.n - 1) * self.stride + hd
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(&self, s: usize, c: usize) -> __m256 {
+            // SAFETY: the caller's promise, with `fits`.
+            unsafe { _mm256_loadu_ps(self.data.as_ptr().add(s * self.stride + c)) }
+        }
+    }
+
+    /// Rows of f16, one slice each (they may sit in different blocks).
+    pub(super) struct F16Rows<'a>(pub(super) &'a [&'a [f16]]);
+
+    impl Rows for F16Rows<'_> {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn fits(&self, hd: usize) -> bool {
+            self.0.iter().all(|r| r.len() >= hd)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(&self, s: usize, c: usize) -> __m256 {
+            // SAFETY: the caller's promise, with `fits`: 8 readable f16.
+            unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    self.0.get_unchecked(s).as_ptr().add(c).cast(),
+                ))
+            }
+        }
+    }
+
+    /// Scaled scores of the K rows against the G query heads, into
+    /// `scores[h * n + s]`.
     ///
     /// Four positions at a time, each with its own accumulator, so the
     /// FMA chains overlap; the four dots are reduced together in exactly
-    /// [`hsum`]'s order, so every score has the same bits as one dot at a
-    /// time would give.
-    #[allow(clippy::too_many_arguments)]
+    /// [`hsum`]'s order ([`hsum4`]), so every score has the same bits as
+    /// one dot at a time would give, whichever rows they come from.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn scores(
-        k: &[f32],
-        stride: usize,
+    pub(super) fn scores<R: Rows>(
+        k: &R,
         q: &[f32],
         group: usize,
         hd: usize,
         scale: f32,
         scores: &mut [f32],
-        n: usize,
     ) {
-        if n == 0 {
-            return;
-        }
+        let n = k.count();
         assert!(
             hd.is_multiple_of(8)
-                && k.len() >= (n - 1) * stride + hd
+                && k.fits(hd)
                 && q.len() >= group * hd
                 && scores.len() >= group * n,
             "attention scores: slices too short for their shape"
@@ -568,35 +627,31 @@ mod avx2 {
             while s + 4 <= n {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for c in (0..hd).step_by(8) {
-                    // SAFETY: c + 8 <= hd, and (s + j) * stride + c + 8 <=
-                    // (n - 1) * stride + hd <= k.len() (asserted above).
+                    // SAFETY: s + j < n and c + 8 <= hd (asserted fits).
                     unsafe {
                         let qv = _mm256_loadu_ps(qh.as_ptr().add(c));
                         for (j, a) in acc.iter_mut().enumerate() {
-                            let kv = _mm256_loadu_ps(k.as_ptr().add((s + j) * stride + c));
-                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                            *a = _mm256_fmadd_ps(qv, k.load8(s + j, c), *a);
                         }
                     }
                 }
-                let sum = hsum4(acc);
                 // SAFETY: h * n + s + 4 <= group * n <= scores.len().
                 unsafe {
-                    _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
+                    _mm_storeu_ps(
+                        scores.as_mut_ptr().add(h * n + s),
+                        _mm_mul_ps(hsum4(acc), scale4),
+                    );
                 }
                 s += 4;
             }
             for s in s..n {
-                let kr = &k[s * stride..s * stride + hd];
                 let mut acc = _mm256_setzero_ps();
-                for (a, b) in qh.chunks_exact(8).zip(kr.chunks_exact(8)) {
-                    // SAFETY: 8 readable floats each.
+                for c in (0..hd).step_by(8) {
+                    // SAFETY: as above.
                     unsafe {
-                        acc = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a.as_ptr()),
-                            _mm256_loadu_ps(b.as_ptr()),
-                            acc,
-                        );
-                    }
+                        acc =
+                            _mm256_fmadd_ps(_mm256_loadu_ps(qh.as_ptr().add(c)), k.load8(s, c), acc)
+                    };
                 }
                 scores[h * n + s] = hsum(acc) * scale;
             }
@@ -632,175 +687,25 @@ mod avx2 {
         sum
     }
 
-    /// `o[h] = sum_s scores[h * n + s] * v[s]` over the V rows (at `stride`).
+    /// `o[h] = sum_s scores[h * n + s] * v[s]` over the V rows.
     ///
     /// Each head's output is accumulated in registers, 64 dimensions (8
     /// vectors) at a time, over all positions; every element still sums
     /// its terms in position order from zero, so the bits are those of a
     /// plain loop.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn weighted_sum(
-        v: &[f32],
-        stride: usize,
-        scores: &[f32],
-        n: usize,
-        group: usize,
-        hd: usize,
-        o: &mut [f32],
-    ) {
-        o.fill(0.0);
-        if n == 0 {
-            return;
-        }
-        assert!(
-            hd.is_multiple_of(8)
-                && v.len() >= (n - 1) * stride + hd
-                && scores.len() >= group * n
-                && o.len() >= group * hd,
-            "attention weighted sum: slices too short for their shape"
-        );
-        for h in 0..group {
-            let mut d = 0;
-            while d + 64 <= hd {
-                // SAFETY: shapes asserted above; d + 64 <= hd.
-                unsafe {
-                    tile::<8>(
-                        v,
-                        stride,
-                        &scores[h * n..(h + 1) * n],
-                        &mut o[h * hd + d..],
-                        d,
-                    )
-                };
-                d += 64;
-            }
-            while d < hd {
-                // SAFETY: as above; d + 8 <= hd.
-                unsafe {
-                    tile::<1>(
-                        v,
-                        stride,
-                        &scores[h * n..(h + 1) * n],
-                        &mut o[h * hd + d..],
-                        d,
-                    )
-                };
-                d += 8;
-            }
-        }
-    }
-
-    /// `o[..8 * NV] = sum_s w[s] * v[s][d..d + 8 * NV]`, in registers.
-    ///
-    /// # Safety
-    /// `v` holds `w.len()` rows at `stride` with `d + 8 * NV` readable
-    /// floats each; `o` has `8 * NV` writable floats.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const NV: usize>(v: &[f32], stride: usize, w: &[f32], o: &mut [f32], d: usize) {
-        let mut acc = [_mm256_setzero_ps(); NV];
-        for (s, &ws) in w.iter().enumerate() {
-            let wv = _mm256_set1_ps(ws);
-            for (j, a) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller's promise.
-                unsafe {
-                    let x = _mm256_loadu_ps(v.as_ptr().add(s * stride + d + 8 * j));
-                    *a = _mm256_fmadd_ps(wv, x, *a);
-                }
-            }
-        }
-        for (j, a) in acc.iter().enumerate() {
-            // SAFETY: the caller's promise.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * j), *a) };
-        }
-    }
-
-    /// Eight f16 at `p`, widened.
-    ///
-    /// # Safety
-    /// `p` points to 8 readable f16.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16(p: *const f16) -> __m256 {
-        // SAFETY: the caller's promise.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
-    }
-
-    /// [`scores`] over K rows read in place as f16 (each at least `hd`
-    /// long): the same tiles and reduction order, so the same bits.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn scores_f16(
-        k: &[&[f16]],
-        q: &[f32],
-        group: usize,
-        hd: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let n = k.len();
-        assert!(
-            hd.is_multiple_of(8)
-                && k.iter().all(|r| r.len() >= hd)
-                && q.len() >= group * hd
-                && scores.len() >= group * n,
-            "attention scores: slices too short for their shape"
-        );
-        let scale4 = _mm_set1_ps(scale);
-        for h in 0..group {
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut s = 0;
-            while s + 4 <= n {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for c in (0..hd).step_by(8) {
-                    // SAFETY: c + 8 <= hd <= every row's length (asserted).
-                    unsafe {
-                        let qv = _mm256_loadu_ps(qh.as_ptr().add(c));
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            let kv = load_f16(k[s + j].as_ptr().add(c));
-                            *a = _mm256_fmadd_ps(qv, kv, *a);
-                        }
-                    }
-                }
-                let sum = hsum4(acc);
-                // SAFETY: h * n + s + 4 <= group * n <= scores.len().
-                unsafe {
-                    _mm_storeu_ps(scores.as_mut_ptr().add(h * n + s), _mm_mul_ps(sum, scale4));
-                }
-                s += 4;
-            }
-            for s in s..n {
-                let mut acc = _mm256_setzero_ps();
-                for c in (0..hd).step_by(8) {
-                    // SAFETY: as above.
-                    unsafe {
-                        acc = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.as_ptr().add(c)),
-                            load_f16(k[s].as_ptr().add(c)),
-                            acc,
-                        );
-                    }
-                }
-                scores[h * n + s] = hsum(acc) * scale;
-            }
-        }
-    }
-
-    /// [`weighted_sum`] over V rows read in place as f16 (each at least
-    /// `hd` long), in the same order, so the same bits.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn weighted_sum_f16(
-        v: &[&[f16]],
+    pub(super) fn weighted_sum<R: Rows>(
+        v: &R,
         scores: &[f32],
         group: usize,
         hd: usize,
         o: &mut [f32],
     ) {
-        let n = v.len();
+        let n = v.count();
         o.fill(0.0);
         assert!(
             hd.is_multiple_of(8)
-                && v.iter().all(|r| r.len() >= hd)
+                && v.fits(hd)
                 && scores.len() >= group * n
                 && o.len() >= group * hd,
             "attention weighted sum: slices too short for their shape"
@@ -810,12 +715,12 @@ mod avx2 {
             let mut d = 0;
             while d + 64 <= hd {
                 // SAFETY: shapes asserted above; d + 64 <= hd.
-                unsafe { tile_f16::<8>(v, w, &mut o[h * hd + d..], d) };
+                unsafe { tile::<R, 8>(v, w, &mut o[h * hd + d..], d) };
                 d += 64;
             }
             while d < hd {
                 // SAFETY: as above; d + 8 <= hd.
-                unsafe { tile_f16::<1>(v, w, &mut o[h * hd + d..], d) };
+                unsafe { tile::<R, 1>(v, w, &mut o[h * hd + d..], d) };
                 d += 8;
             }
         }
@@ -824,20 +729,17 @@ mod avx2 {
     /// `o[..8 * NV] = sum_s w[s] * v[s][d..d + 8 * NV]`, in registers.
     ///
     /// # Safety
-    /// Every row of `v` has `d + 8 * NV` readable values, `w` is no longer
-    /// than `v`, and `o` has `8 * NV` writable floats.
+    /// `v` fits `d + 8 * NV` values per row and has at least `w.len()`
+    /// rows; `o` has `8 * NV` writable floats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_f16<const NV: usize>(v: &[&[f16]], w: &[f32], o: &mut [f32], d: usize) {
+    unsafe fn tile<R: Rows, const NV: usize>(v: &R, w: &[f32], o: &mut [f32], d: usize) {
         let mut acc = [_mm256_setzero_ps(); NV];
-        for (row, &ws) in v.iter().zip(w) {
+        for (s, &ws) in w.iter().enumerate() {
             let wv = _mm256_set1_ps(ws);
             for (j, a) in acc.iter_mut().enumerate() {
                 // SAFETY: the caller's promise.
-                unsafe {
-                    let x = load_f16(row.as_ptr().add(d + 8 * j));
-                    *a = _mm256_fmadd_ps(wv, x, *a);
-                }
+                unsafe { *a = _mm256_fmadd_ps(wv, v.load8(s, d + 8 * j), *a) };
             }
         }
         for (j, a) in acc.iter().enumerate() {
