@@ -441,3 +441,53 @@ fn shutdown_after_the_grace_period_aborts_what_runs() {
     assert_eq!(error["error"]["type"], "server_overloaded", "{error}");
     assert!(all.len() < 480);
 }
+
+/// Everything the server logs in this test binary (installed once).
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        struct W(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || W(buf))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    })
+}
+
+#[test]
+fn logs_hold_no_prompt_or_completion_text_unless_asked() {
+    let logs = captured_logs();
+    let secret = "zebra-quokka-4417";
+    for (flags, logged) in [(&[][..], false), (&["--log-text"][..], true)] {
+        let s = TestServer::tiny(flags);
+        let r = s.post("/v1/chat/completions", &chat(secret, 3));
+        assert_eq!(r.status, 200);
+        let r = s.post(
+            "/v1/completions",
+            &json!({"prompt": secret, "max_tokens": 3}),
+        );
+        assert_eq!(r.status, 200);
+        s.wait_idle();
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        assert!(
+            text.contains("request finished"),
+            "requests are logged: {text}"
+        );
+        assert_eq!(text.contains(secret), logged, "flags {flags:?}: {text}");
+    }
+}
