@@ -36,19 +36,28 @@ serve() { # slots
   exit 1
 }
 
-echo "== strata serve (release, over HTTP), --threads $threads"
+echo "== strata serve (release, over HTTP), --threads $threads, a fresh server per case"
 cargo build --locked -q --release -p strata-server
-"${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" \
-  --port "$port" >/dev/null 2>&1 &
-server=$!
-for _ in $(seq 1 600); do
-  if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
+strata() {
+  "${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" \
+    --port "$port" >/dev/null 2>&1 &
+  server=$!
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "strata serve did not start" >&2
+  exit 1
+}
+# A fresh server per case, as for llama-server: the cases reuse prompts,
+# and a warm prefix cache would flatter the later ones.
 for n in 4 8 16; do
+  strata
   python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --clients "$n" \
     --runs "$runs" --label "strata serve"
+  stop
 done
+strata
 python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --shared --runs "$runs" \
   --label "strata serve"
 stop
