@@ -83,6 +83,19 @@ fn loaded(state: &AppState) -> Result<Arc<Loaded>, ApiError> {
         .ok_or_else(|| ApiError::unavailable("the model is still loading", 2))
 }
 
+/// What every JSON endpoint starts with: the caller's tenant (401), the
+/// model (503 while loading), the parsed body.
+fn begin<'a, T: DeserializeOwned>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(&'a Tenant, Arc<Loaded>, T), ApiError> {
+    let t = tenant(state, headers)?;
+    let l = loaded(state)?;
+    let req = parse(headers, body, state.args.max_body)?;
+    Ok((t, l, req))
+}
+
 /// Parses a JSON body: 415 for another content type, 413 over the size
 /// limit, 400 for invalid UTF-8 or malformed JSON, 422 for JSON of the wrong
 /// shape.
@@ -561,7 +574,9 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn chunk(&self, choice: Value) -> String {
+    /// A chunk with these choices (and `usage`, null unless given, when the
+    /// client asked for usage).
+    fn chunk_with(&self, choices: Value, usage: Value) -> String {
         let object = match self.g.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
@@ -571,12 +586,16 @@ impl Streamer {
             "object": object,
             "created": self.created,
             "model": self.g.loaded.name,
-            "choices": [choice],
+            "choices": choices,
         });
         if self.include_usage {
-            v["usage"] = Value::Null;
+            v["usage"] = usage;
         }
         v.to_string()
+    }
+
+    fn chunk(&self, choice: Value) -> String {
+        self.chunk_with(json!([choice]), Value::Null)
     }
 
     async fn next(&mut self) -> Option<String> {
@@ -643,11 +662,8 @@ impl Streamer {
                     let c = self.chunk(last);
                     self.queue.push_back(c);
                     if self.include_usage {
-                        let mut v: Value =
-                            serde_json::from_str(&self.chunk(Value::Null)).unwrap_or(Value::Null);
-                        v["choices"] = json!([]);
-                        v["usage"] = Generation::usage_json(&usage);
-                        self.queue.push_back(v.to_string());
+                        let c = self.chunk_with(json!([]), Generation::usage_json(&usage));
+                        self.queue.push_back(c);
                     }
                     self.queue.push_back("[DONE]".into());
                     self.over = true;
@@ -792,9 +808,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let t = tenant(&state, &headers)?;
-    let l = loaded(&state)?;
-    let req: ChatRequest = parse(&headers, body, state.args.max_body)?;
+    let (t, l, req): (_, _, ChatRequest) = begin(&state, &headers, body)?;
     check_model(&l, req.common.model.as_deref())?;
     let top = openai::top_logprobs("top_logprobs", req.top_logprobs)?;
     let logprobs = req.logprobs.then_some(top);
@@ -939,9 +953,7 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let t = tenant(&state, &headers)?;
-    let l = loaded(&state)?;
-    let req: CompletionRequest = parse(&headers, body, state.args.max_body)?;
+    let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body)?;
     check_model(&l, req.common.model.as_deref())?;
     let logprobs = match req.logprobs {
         None => None,
@@ -1010,9 +1022,7 @@ async fn tokenize(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    tenant(&state, &headers)?;
-    let l = loaded(&state)?;
-    let req: TokenizeRequest = parse(&headers, body, state.args.max_body)?;
+    let (_, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body)?;
     let tok = &l.tokenizer;
     let bad = |e: strata_model::ModelError| ApiError::invalid("content", e.to_string());
     let mut tokens = match (&req.content, &req.messages) {
@@ -1061,9 +1071,7 @@ async fn detokenize(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    tenant(&state, &headers)?;
-    let l = loaded(&state)?;
-    let req: DetokenizeRequest = parse(&headers, body, state.args.max_body)?;
+    let (_, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body)?;
     let (ids, _) = completion_prompt(&l, &Prompt::Tokens(req.tokens))?;
     Ok(axum::Json(json!({"content": l.tokenizer.decode(&ids, true)})).into_response())
 }

@@ -54,7 +54,12 @@ impl std::fmt::Debug for EngineCollector {
     }
 }
 
-fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+fn counter<N: prometheus_client::encoding::EncodeCounterValue>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: N,
+) -> std::fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
@@ -164,15 +169,15 @@ impl Collector for EngineCollector {
             "Sequences summed over steps (mean batch = this / steps).",
             c.batch_seqs,
         )?;
-        gauge(
+        counter(
             &mut e,
-            "strata:step_seconds_sum",
+            "strata:step_seconds",
             "Seconds the executor spent running steps.",
             c.step_nanos as f64 / 1e9,
         )?;
-        gauge(
+        counter(
             &mut e,
-            "strata:scheduler_seconds_sum",
+            "strata:scheduler_seconds",
             "Seconds the scheduler spent planning and applying results.",
             c.schedule_nanos as f64 / 1e9,
         )?;
