@@ -260,7 +260,9 @@ struct Generation {
     deadline: tokio::time::Instant,
     last_token: Option<Instant>,
     text: String,
-    tokens: Vec<TokenId>,
+    /// The latest generated token (a session turn that ends with an
+    /// end-of-sequence token holds the template's closing marker).
+    last: Option<TokenId>,
     /// Completions with `echo`: the prompt text goes first.
     echo: Option<String>,
     turn: Option<Turn>,
@@ -326,7 +328,7 @@ impl Generation {
                     }
                     self.last_token = Some(now);
                     self.text.push_str(&text);
-                    self.tokens.push(id);
+                    self.last = Some(id);
                     return Ok(Step::Token {
                         id,
                         logprob,
@@ -401,8 +403,8 @@ impl Generation {
             return;
         };
         let eos = self
-            .tokens
-            .last()
+            .last
+            .as_ref()
             .is_some_and(|t| self.loaded.tokenizer.eos().contains(t));
         if let Some(s) = self.state.sessions().get_mut(&t.key) {
             if let Some(msgs) = &t.messages {
@@ -751,7 +753,7 @@ async fn submit(
         arrival,
         last_token: None,
         text: String::new(),
-        tokens: Vec::new(),
+        last: None,
         echo: sub.echo,
         turn,
         tenant: sub.tenant,
