@@ -42,6 +42,10 @@ pub struct PoolConfig {
 const UNKNOWN: u32 = u32::MAX;
 
 /// A slot whose token a step will sample: resolved with [`BlockPool::resolve`].
+///
+/// It can be made only by the pool that assigned the slot, and only that
+/// pool resolves it: another pool's block with the same index and
+/// generation is a different block.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SlotRef {
     /// The block holding the slot.
@@ -50,6 +54,32 @@ pub struct SlotRef {
     pub generation: Generation,
     /// The slot within the block.
     pub slot: u32,
+    /// The pool that assigned it.
+    pool: PoolId,
+}
+
+/// Which pool minted a [`SlotRef`]: a process-wide counter, so no two pools
+/// share one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct PoolId(u64);
+
+impl PoolId {
+    fn fresh() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// What releasing a holder now would give back (see
+/// [`BlockPool::release_yield`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ReleaseYield {
+    /// Blocks only this holder holds whose window has closed: free at once.
+    pub now: usize,
+    /// Blocks only this holder holds that a step in flight still uses: they
+    /// wait in quarantine until it completes.
+    pub later: usize,
 }
 
 /// The outcome of [`BlockPool::lookup_and_pin`].
@@ -132,6 +162,12 @@ struct Block {
     tainted: bool,
     /// The previous block of its chain, at the generation it had then.
     parent: Option<(BlockId, Generation)>,
+    /// A copy on write's source, whose KV its first slots are a copy of,
+    /// and the step that copies it.
+    source: Option<(BlockId, Generation, Epoch)>,
+    /// How many times it entered quarantine: tells its current quarantine
+    /// entry from stale ones.
+    quarantines: u32,
     /// The chain root, used as the parent hash of a chain's first block.
     root: BlockHash,
 }
@@ -150,8 +186,26 @@ impl Block {
             published: false,
             tainted: false,
             parent: None,
+            source: None,
+            quarantines: 0,
             root: BlockHash::from_bits(0),
         }
+    }
+
+    /// Whether its KV was computed over, or copied from, what the failed
+    /// step `failed` wrote: a tainted parent, or a tainted source copied by
+    /// a later step (a source tainted by a write after the copy was taken
+    /// does not matter). Asked of writes in flight after the failed step,
+    /// which were planned on top of what it wrote.
+    fn built_on_taint(&self, blocks: &[Block], failed: Epoch) -> bool {
+        let tainted = |(p, g): (BlockId, Generation)| {
+            let pb = &blocks[p.index()];
+            pb.generation == g && pb.tainted
+        };
+        self.parent.is_some_and(tainted)
+            || self
+                .source
+                .is_some_and(|(p, g, copied)| copied > failed && tainted((p, g)))
     }
 }
 
@@ -182,7 +236,13 @@ struct Holder {
 /// 5. With no live holder and no epoch in flight, every block is free.
 /// 6. Published blocks are full and never written again: `write` refuses any
 ///    block that is published, full, failed, or held more than once.
+/// 7. Clean chains: a published block's parent is the root or a block
+///    published at the generation it recorded; no failed step wrote it or
+///    any block above it.
+/// 8. LRU order: of two free published blocks where one extends the other,
+///    the extension is nearer the front (a prefix outlives its extensions).
 pub struct BlockPool {
+    id: PoolId,
     config: PoolConfig,
     hasher: BlockHasher,
     blocks: Vec<Block>,
@@ -235,6 +295,7 @@ impl BlockPool {
             free.push_back(BlockId::new(i));
         }
         Ok(Self {
+            id: PoolId::fresh(),
             config,
             hasher,
             blocks: vec![Block::empty(); n],
@@ -533,6 +594,7 @@ impl BlockPool {
                 state: BlockState::Owned,
                 refcount: 1,
                 generation: blk.generation,
+                quarantines: blk.quarantines,
                 parent,
                 root,
                 ..Block::empty()
@@ -590,7 +652,8 @@ impl BlockPool {
         if s.unknown > 0 {
             return Err(KvError::PendingTokens(src));
         }
-        let (filled, parent, root) = (s.filled, s.parent, s.root);
+        let (filled, parent, root, s_generation, s_tainted) =
+            (s.filled, s.parent, s.root, s.generation, s.tainted);
         // Allocate into a scratch holder so the table keeps its order.
         let scratch = self.new_holder(OwnerTag::default(), ChainRoot::from_hash(root));
         if let Err(e) = self.allocate(scratch, 1) {
@@ -602,9 +665,13 @@ impl BlockPool {
             .pop()
             .expect("one block allocated");
         self.release(scratch).expect("the scratch holder is live");
+        let src_generation = s_generation;
         let d = &mut self.blocks[dst.index()];
         d.filled = filled;
         d.parent = parent;
+        d.source = Some((src, src_generation, epoch));
+        // A copy of garbage is garbage: never written on, never published.
+        d.tainted = s_tainted;
         d.fill_epoch = epoch;
         d.last_use = epoch;
         let generation = d.generation;
@@ -685,6 +752,7 @@ impl BlockPool {
             block: b,
             generation: self.blocks[b.index()].generation,
             slot: (pos % bs) as u32,
+            pool: self.id,
         })
     }
 
@@ -756,8 +824,12 @@ impl BlockPool {
     }
 
     /// Gives a pending slot its token. A reference to a block reallocated
-    /// since is refused (a destroyed sequence's row cannot feed another).
+    /// since is refused (a destroyed sequence's row cannot feed another), and
+    /// so is one minted by another pool.
     pub fn resolve(&mut self, slot: SlotRef, token: TokenId) -> Result<(), KvError> {
+        if slot.pool != self.id {
+            return Err(KvError::ForeignSlot(slot.block));
+        }
         if token.get() == UNKNOWN {
             return Err(KvError::ReservedToken(token.get()));
         }
@@ -805,10 +877,34 @@ impl BlockPool {
             return;
         };
         let generation = self.blocks[b.index()].generation;
+        let parent_tainted = self.blocks[b.index()].parent.is_some_and(|(p, g)| {
+            let pb = &self.blocks[p.index()];
+            pb.generation == g && pb.tainted
+        });
+        if parent_tainted {
+            // Computed over a failed step's KV: garbage, whatever its own
+            // step does. (A copy's source is not asked here: a source tainted
+            // now may have been written after the copy was taken; `fail`
+            // judges copies while both steps are in flight.)
+            self.taint(b, generation);
+            return;
+        }
         if self.blocks[b.index()].fill_epoch <= self.quarantine.completed() {
             self.publish(b, generation);
         } else if self.pending_block(hash).is_none() && !self.index.contains_key(&hash) {
             self.pending.insert(hash, (b, generation));
+        }
+    }
+
+    /// Whether the block's parent is the root or is published at the
+    /// generation the block recorded.
+    fn parent_published(&self, b: BlockId) -> bool {
+        match self.blocks[b.index()].parent {
+            None => true,
+            Some((p, g)) => {
+                let pb = &self.blocks[p.index()];
+                pb.generation == g && pb.published
+            }
         }
     }
 
@@ -860,7 +956,11 @@ impl BlockPool {
         if self.pending.get(&hash) == Some(&(b, generation)) {
             self.pending.remove(&hash);
         }
-        if self.index.contains_key(&hash) {
+        // Clean chains: only under a parent that is itself in the index at
+        // the generation this block recorded. A duplicate's children, or
+        // anything below a failed step's blocks, stay uncached: in the index
+        // they would take the hash from the correct chain.
+        if !self.parent_published(b) || self.index.contains_key(&hash) {
             return;
         }
         self.index.insert(hash, b);
@@ -873,16 +973,23 @@ impl BlockPool {
         }
     }
 
-    /// Every step up to `epoch` has finished: reclaim the quarantined blocks
-    /// whose window closed, then publish the blocks those steps filled.
+    /// Every step up to `epoch` has finished: publish the blocks those steps
+    /// filled, then reclaim the quarantined blocks whose window closed.
+    ///
+    /// NOTE: publishing first matters for the LRU order. A block reclaimed
+    /// and published by the same completion (a request aborted mid-prefill,
+    /// or a wasted row that fills the tail) must join the queue's back in
+    /// release order, tail first; reclaimed while still unpublished it would
+    /// go to the front, and publishing it afterwards would append the chain
+    /// parent first, so a child would outlive its parent.
     pub fn complete(&mut self, epoch: Epoch) -> Result<(), KvError> {
         self.check_in_flight(epoch)?;
         while self.quarantine.completed() < epoch {
             let (e, bucket) = self.quarantine.retire_next().expect("epoch is in flight");
-            self.reclaim(e, &bucket.released);
             for &(b, g) in &bucket.written {
                 self.publish(b, g);
             }
+            self.reclaim(e, &bucket.released);
         }
         Ok(())
     }
@@ -897,32 +1004,57 @@ impl BlockPool {
         }
         let (e, bucket) = self.quarantine.retire_next().expect("epoch is in flight");
         for &(b, g) in &bucket.written {
+            self.taint(b, g);
+        }
+        // Steps already planned on top of the failed one (the overlap) wrote
+        // below its blocks: what they wrote there is garbage too. Buckets are
+        // in epoch order and each in write order, so a chain's parent is
+        // seen before its child.
+        let later: Vec<(BlockId, Generation)> = self
+            .quarantine
+            .in_flight_writes()
+            .filter(|&(b, g)| {
+                let blk = &self.blocks[b.index()];
+                blk.generation == g && !blk.published
+            })
+            .collect();
+        for (b, g) in later {
             self.work += 1;
-            let blk = &mut self.blocks[b.index()];
-            if blk.generation != g || blk.published {
-                continue;
-            }
-            blk.tainted = true;
-            if let Some(hash) = blk.hash
-                && self.pending.get(&hash) == Some(&(b, g))
-            {
-                self.pending.remove(&hash);
+            if self.blocks[b.index()].built_on_taint(&self.blocks, e) {
+                self.taint(b, g);
             }
         }
         self.reclaim(e, &bucket.released);
         Ok(())
     }
 
-    fn reclaim(&mut self, e: Epoch, released: &[BlockId]) {
-        for &b in released {
+    /// Marks a block a failed step wrote (or built on): never published,
+    /// never written again, never read by a later step (the sanitizer).
+    fn taint(&mut self, b: BlockId, g: Generation) {
+        self.work += 1;
+        let blk = &mut self.blocks[b.index()];
+        if blk.generation != g || blk.published {
+            return;
+        }
+        blk.tainted = true;
+        if let Some(hash) = blk.hash
+            && self.pending.get(&hash) == Some(&(b, g))
+        {
+            self.pending.remove(&hash);
+        }
+    }
+
+    fn reclaim(&mut self, e: Epoch, released: &[(BlockId, u32)]) {
+        for &(b, n) in released {
             self.work += 1;
             let blk = &mut self.blocks[b.index()];
-            // Stale entries: pinned again since, or re-released with a later
-            // last use, or already reclaimed by an earlier entry.
-            if blk.state != BlockState::Quarantined || blk.last_use > e {
+            // Stale entries: pinned again since (and maybe re-released, with
+            // a later entry), or already reclaimed.
+            if blk.state != BlockState::Quarantined || blk.quarantines != n {
                 continue;
             }
             debug_assert_eq!(blk.refcount, 0);
+            debug_assert!(blk.last_use <= e);
             blk.state = BlockState::Free;
             self.quarantined -= 1;
             self.push_free(b);
@@ -956,6 +1088,119 @@ impl BlockPool {
         Ok(())
     }
 
+    /// Shortens the holder to at most `tokens` tokens, keeping only content
+    /// known good, and returns how many it kept. Every step that used the
+    /// holder must have completed.
+    ///
+    /// Blocks from the first one a failed step wrote are dropped; a kept
+    /// partial block is cut back to its first `tokens % block_size` slots if
+    /// only this holder has it and it is unpublished, and dropped otherwise.
+    /// Dropped blocks are released tail first (cached ones stay cached).
+    ///
+    /// ```text
+    ///   before: [ b0 full ][ b1 full ][ b2 ..x.. ][ b3 ]     tokens = 10
+    ///   truncate(7), bs 4:  [ b0 ][ b1: 3 slots ]            b2, b3 released
+    /// ```
+    pub fn truncate(&mut self, h: HolderId, tokens: usize) -> Result<usize, KvError> {
+        let bs = self.bs();
+        let completed = self.quarantine.completed();
+        let holder = self.holder(h)?;
+        if holder.last_epoch > completed {
+            return Err(KvError::HolderInFlight {
+                holder: h,
+                last_epoch: holder.last_epoch,
+                completed,
+            });
+        }
+        let mut keep = tokens.min(holder.tokens);
+        // Good content ends at the first block a failed step wrote, and at
+        // the first slot whose token never arrived (a row that never ran).
+        for (i, &b) in holder.blocks.iter().enumerate().take(keep.div_ceil(bs)) {
+            let blk = &self.blocks[b.index()];
+            if blk.tainted {
+                keep = keep.min(i * bs);
+                break;
+            }
+            if blk.unknown > 0 {
+                let slots = &self.tokens[b.index() * bs..b.index() * bs + blk.filled as usize];
+                let first = slots.iter().position(|&t| t == UNKNOWN).unwrap_or(bs);
+                keep = keep.min(i * bs + first);
+                break;
+            }
+        }
+        if keep % bs != 0 {
+            let blk = &self.blocks[holder.blocks[keep / bs].index()];
+            if blk.published || blk.refcount > 1 {
+                keep -= keep % bs;
+            }
+        }
+        let last_epoch = holder.last_epoch;
+        let kept_blocks = keep.div_ceil(bs);
+        let cut: Vec<BlockId> = holder.blocks[kept_blocks..].to_vec();
+        if keep % bs != 0 {
+            // Cut the kept partial block back; its slots past `keep` are
+            // written again by whoever extends the holder. Its content is
+            // new from here, so it takes a new generation: blocks computed
+            // over its old content no longer chain to it, and references to
+            // its old slots are stale.
+            let b = holder.blocks[keep / bs];
+            let filled = keep % bs;
+            let start = b.index() * bs;
+            let blk = &mut self.blocks[b.index()];
+            if blk.filled as usize > filled {
+                if let Some(hash) = blk.hash.take()
+                    && self.pending.get(&hash) == Some(&(b, blk.generation))
+                {
+                    self.pending.remove(&hash);
+                }
+                blk.filled = filled as u32;
+                blk.unknown = 0;
+                blk.generation.bump();
+                self.tokens[start + filled..start + bs].fill(UNKNOWN);
+            }
+        }
+        let holder = &mut self.holders[h.slot as usize];
+        holder.blocks.truncate(kept_blocks);
+        holder.tokens = keep;
+        for &b in cut.iter().rev() {
+            self.decref(b, last_epoch);
+        }
+        Ok(keep)
+    }
+
+    /// What releasing the holder now would give back: the blocks only it
+    /// holds, split into those free at once and those a step in flight still
+    /// uses (they come back when it completes). Shared blocks give nothing.
+    pub fn release_yield(&self, h: HolderId) -> Result<ReleaseYield, KvError> {
+        let holder = self.holder(h)?;
+        let completed = self.quarantine.completed();
+        let mut y = ReleaseYield::default();
+        for &b in &holder.blocks {
+            let blk = &self.blocks[b.index()];
+            if blk.refcount != 1 {
+                continue;
+            }
+            if blk.last_use.max(holder.last_epoch) <= completed {
+                y.now += 1;
+            } else {
+                y.later += 1;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Blocks waiting in quarantine whose window closes once `epoch`
+    /// completes: what comes back to the free queue then.
+    pub fn returning_by(&self, epoch: Epoch) -> usize {
+        self.quarantine
+            .released_until(epoch)
+            .filter(|&(_, b, n)| {
+                let blk = &self.blocks[b.index()];
+                blk.state == BlockState::Quarantined && blk.quarantines == n
+            })
+            .count()
+    }
+
     /// Drops one reference; the block's window becomes the later of its own
     /// and this holder's last epoch.
     fn decref(&mut self, b: BlockId, last_epoch: Epoch) {
@@ -971,9 +1216,10 @@ impl BlockPool {
         self.owned -= 1;
         if blk.last_use > completed {
             blk.state = BlockState::Quarantined;
-            let last_use = blk.last_use;
+            blk.quarantines = blk.quarantines.wrapping_add(1);
+            let (last_use, n) = (blk.last_use, blk.quarantines);
             self.quarantined += 1;
-            self.quarantine.bucket_mut(last_use).released.push(b);
+            self.quarantine.bucket_mut(last_use).released.push((b, n));
         } else {
             blk.state = BlockState::Free;
             self.push_free(b);
@@ -1013,7 +1259,10 @@ impl BlockPool {
 
     /// Checks a step's recorded `(block, generation)` accesses: each block
     /// must still be at that generation and either held or waiting in
-    /// quarantine for a step no earlier than `step`.
+    /// quarantine for a step no earlier than `step`; no failed step may have
+    /// written it; and a write goes only into an unpublished block with at
+    /// most one holder (invariant 6; none is a finished request's wasted row,
+    /// its block in quarantine for this step).
     pub fn validate(
         &self,
         step: Epoch,
@@ -1021,23 +1270,36 @@ impl BlockPool {
     ) -> Result<(), KvError> {
         for &(b, recorded, access) in accesses {
             let Some(blk) = self.blocks.get(b.index()) else {
-                return Err(self.violation(step, b, recorded, access));
+                return Err(self.violation(step, b, recorded, access, "no such block"));
             };
-            let ok = blk.generation == recorded
-                && match blk.state {
-                    BlockState::Owned => true,
-                    BlockState::Quarantined => blk.last_use >= step,
-                    BlockState::Free => false,
-                }
-                && (access == Access::Read || !blk.published);
-            if !ok {
-                return Err(self.violation(step, b, recorded, access));
-            }
+            let reason = if blk.generation != recorded {
+                "reallocated since the step was planned"
+            } else if blk.state == BlockState::Free {
+                "free: no holder and no step in flight keeps it"
+            } else if blk.state == BlockState::Quarantined && blk.last_use < step {
+                "waiting in quarantine for an earlier step only"
+            } else if blk.tainted {
+                "written by a failed step"
+            } else if access == Access::Write && blk.published {
+                "published: shared content is never written"
+            } else if access == Access::Write && blk.refcount > 1 {
+                "held by more than one holder"
+            } else {
+                continue;
+            };
+            return Err(self.violation(step, b, recorded, access, reason));
         }
         Ok(())
     }
 
-    fn violation(&self, step: Epoch, b: BlockId, recorded: Generation, access: Access) -> KvError {
+    fn violation(
+        &self,
+        step: Epoch,
+        b: BlockId,
+        recorded: Generation,
+        access: Access,
+        reason: &'static str,
+    ) -> KvError {
         let blk = self.blocks.get(b.index());
         let owners = self
             .holders
@@ -1046,6 +1308,7 @@ impl BlockPool {
             .map(|h| h.tag)
             .collect();
         KvError::Violation(Box::new(Violation {
+            reason,
             step,
             access,
             block: b,
@@ -1148,7 +1411,7 @@ impl BlockPool {
                             blk.last_use
                         ));
                     }
-                    if !self.quarantine.holds(blk.last_use, b) {
+                    if !self.quarantine.holds(blk.last_use, b, blk.quarantines) {
                         return Err(format!(
                             "quarantined {b:?} is not in the bucket of its last use {:?}",
                             blk.last_use
@@ -1207,6 +1470,34 @@ impl BlockPool {
             if self.blocks[b.index()].hash != Some(*hash) {
                 return Err(format!(
                     "index entry {hash:?} points at {b:?}, whose hash differs"
+                ));
+            }
+            let blk = &self.blocks[b.index()];
+            if let Some((p, g)) = blk.parent {
+                let pb = &self.blocks[p.index()];
+                if pb.generation != g || !pb.published {
+                    return Err(format!(
+                        "published {b:?} hangs under {p:?}, which is not published at {g:?} (invariant 7)"
+                    ));
+                }
+            }
+        }
+        let mut rank = vec![usize::MAX; self.blocks.len()];
+        for (i, b) in self.free.iter().enumerate() {
+            rank[b.index()] = i;
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            if !blk.published || rank[i] == usize::MAX {
+                continue;
+            }
+            if let Some((p, g)) = blk.parent
+                && self.blocks[p.index()].generation == g
+                && self.blocks[p.index()].published
+                && rank[p.index()] != usize::MAX
+                && rank[p.index()] < rank[i]
+            {
+                return Err(format!(
+                    "free b{i} would outlive its parent {p:?}: evicted after it (invariant 8)"
                 ));
             }
         }

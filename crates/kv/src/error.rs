@@ -89,6 +89,22 @@ pub enum KvError {
     /// A lease of another cache (another model instance) was used here.
     #[error("holder {0:?} belongs to another KV cache")]
     ForeignLease(HolderId),
+    /// A slot reference minted by another pool was resolved here.
+    #[error("the slot reference to {0:?} was made by another KV pool")]
+    ForeignSlot(BlockId),
+    /// An operation that needs every step that used the holder to have
+    /// completed (truncation) was asked for too early.
+    #[error(
+        "holder {holder:?} was used by step {last_epoch:?}, which has not completed (completed up to {completed:?})"
+    )]
+    HolderInFlight {
+        /// The holder.
+        holder: HolderId,
+        /// The last step that used it.
+        last_epoch: Epoch,
+        /// The last completed step.
+        completed: Epoch,
+    },
     /// A pool configuration that cannot work.
     #[error("invalid pool configuration: {0}")]
     InvalidConfig(String),
@@ -110,11 +126,13 @@ pub enum Access {
 /// touch. It names everything needed to find the culprit.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 #[error(
-    "KV sanitizer: step {step:?} {access:?} {block:?} recorded at generation {recorded:?}, \
-     but the block is at generation {current:?}, state {state:?}, last used by {last_use:?} \
+    "KV sanitizer: step {step:?} {access:?} {block:?}: {reason}; recorded at generation {recorded:?}, \
+     the block is at generation {current:?}, state {state:?}, last used by {last_use:?} \
      (completed up to {completed:?}); holders now: {owners:?}"
 )]
 pub struct Violation {
+    /// What rule the access breaks.
+    pub reason: &'static str,
     /// The step's epoch.
     pub step: Epoch,
     /// Read or write.

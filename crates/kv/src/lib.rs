@@ -34,7 +34,9 @@ mod quarantine;
 mod sync;
 
 pub use block_hash::{BlockHasher, ChainRoot, ExtraKeys, HashKey, MAX_BLOCK_SIZE, SequenceHasher};
-pub use block_pool::{BlockPool, CowCopy, Evicted, PoolConfig, PoolStats, PrefixHit, SlotRef};
+pub use block_pool::{
+    BlockPool, CowCopy, Evicted, PoolConfig, PoolStats, PrefixHit, ReleaseYield, SlotRef,
+};
 pub use error::{Access, BlockState, KvError, Violation};
 pub use ids::{BlockHash, BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};
 pub use kv_cache::{KvCache, Lease, PoolGuard};

@@ -21,10 +21,13 @@ use crate::ids::{BlockId, Epoch, Generation};
 /// What one in-flight epoch leaves to do when it completes.
 #[derive(Default)]
 pub(crate) struct EpochBucket {
-    /// Blocks released whose last use is this epoch, in release order. An
-    /// entry may be stale (the block was pinned again meanwhile); the pool
-    /// re-checks state and last use when it reclaims.
-    pub(crate) released: Vec<BlockId>,
+    /// Blocks released whose last use is this epoch, in release order, each
+    /// with the block's quarantine count at that release. An entry is stale
+    /// once the block is pinned again (and maybe released again, with a
+    /// higher count); the pool reclaims only current entries, so a block
+    /// re-released into the same bucket takes its place in release order by
+    /// its latest release.
+    pub(crate) released: Vec<(BlockId, u32)>,
     /// Blocks this epoch writes into, with the generation written, in write
     /// order (so a chain's parent precedes its child).
     pub(crate) written: Vec<(BlockId, Generation)>,
@@ -82,11 +85,35 @@ impl Quarantine {
         Some((self.completed, bucket))
     }
 
-    /// Whether `b` waits in the bucket of epoch `e` (invariant checks).
-    pub(crate) fn holds(&self, e: Epoch, b: BlockId) -> bool {
+    /// Every write of the epochs still in flight, in epoch order and, within
+    /// an epoch, in write order.
+    pub(crate) fn in_flight_writes(&self) -> impl Iterator<Item = (BlockId, Generation)> + '_ {
+        self.buckets.iter().flat_map(|b| b.written.iter().copied())
+    }
+
+    /// Entries released into the buckets of epochs up to `e`: what comes
+    /// back (the current ones) once `e` completes.
+    pub(crate) fn released_until(
+        &self,
+        e: Epoch,
+    ) -> impl Iterator<Item = (Epoch, BlockId, u32)> + '_ {
+        let first = self.completed.get() + 1;
+        self.buckets
+            .iter()
+            .enumerate()
+            .take_while(move |(k, _)| first + (*k as u64) <= e.get())
+            .flat_map(move |(k, b)| {
+                let epoch = Epoch::new(first + k as u64);
+                b.released.iter().map(move |&(x, n)| (epoch, x, n))
+            })
+    }
+
+    /// Whether `b` waits in the bucket of epoch `e` under release count `n`
+    /// (invariant checks).
+    pub(crate) fn holds(&self, e: Epoch, b: BlockId, n: u32) -> bool {
         self.in_flight(e)
             && self.buckets[(e.get() - self.completed.get() - 1) as usize]
                 .released
-                .contains(&b)
+                .contains(&(b, n))
     }
 }

@@ -3,7 +3,10 @@
 // A test fails loudly on any unexpected error; that is what unwrap is for here.
 #![allow(clippy::unwrap_used)]
 
+mod clean_chains;
 mod fixture;
+mod lru_order;
 mod model_based;
 mod regression;
 mod salt;
+mod sanitizer;

@@ -504,3 +504,42 @@ fn a_block_pinned_out_of_quarantine_waits_for_its_new_window() {
     f.complete(e3);
     assert_eq!(f.pool.block_state(first), BlockState::Free);
 }
+
+/// ExecuTorch sessions, through a slot reference: a decode row's "token the
+/// previous step samples" names a block by index and generation; another
+/// cache's block with the same index and generation is not it. Resolving
+/// the reference there must be refused, not write into a foreign block.
+#[test]
+fn executorch_a_slot_reference_of_another_cache_is_refused() {
+    let f = Fixture::new(4, 2);
+    let config = PoolConfig {
+        num_blocks: 4,
+        block_size: 2,
+    };
+    let model_a = KvCache::new(config, f.hasher.clone()).unwrap();
+    let model_b = KvCache::new(config, f.hasher.clone()).unwrap();
+    let (slot_a, _lease_a) = {
+        let mut a = model_a.lock();
+        let lease = a.new_lease(OwnerTag(1), f.root);
+        a.allocate(&lease, 1).unwrap();
+        let e = a.next_epoch();
+        (a.write_pending(&lease, e).unwrap(), lease)
+    };
+    let mut b = model_b.lock();
+    let lease_b = b.new_lease(OwnerTag(2), f.root);
+    b.allocate(&lease_b, 1).unwrap();
+    let e = b.next_epoch();
+    let slot_b = b.write_pending(&lease_b, e).unwrap();
+    assert_eq!(
+        (slot_b.block, slot_b.generation, slot_b.slot),
+        (slot_a.block, slot_a.generation, slot_a.slot),
+        "the two references look alike"
+    );
+    assert!(
+        b.resolve(slot_a, strata_kv::TokenId::new(5)).is_err(),
+        "a reference minted by another cache wrote into this one"
+    );
+    // This cache's own reference still resolves, once.
+    b.resolve(slot_b, strata_kv::TokenId::new(6)).unwrap();
+    b.check_invariants().unwrap();
+}
