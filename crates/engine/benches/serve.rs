@@ -7,7 +7,11 @@
 //!   to first token, and how many prompt tokens were computed (the prefix
 //!   once, not four times);
 //! - the scheduler's time (planning, applying results) per step, as a share
-//!   of the step time, at 16 sequences.
+//!   of the step time, at 16 sequences;
+//! - how long the executor waits for the KV pool's lock during a step
+//!   (the scheduler plans the next step under it), as a share of the step
+//!   time, and how long planning holds it (issue 5/10 asks for this at 16
+//!   running requests).
 //!
 //! `cargo bench -p strata-engine --bench serve` (threads: `STRATA_THREADS`,
 //! default 2).
@@ -55,6 +59,7 @@ fn engine(model: &Arc<LlamaModel>) -> Engine {
                 max_step_tokens: 512,
                 max_running: 64,
                 sanitize: false,
+                check_every: 0,
             },
             queue_limit: 1024,
             model_name: "SmolLM2-135M-Instruct".into(),
@@ -138,6 +143,8 @@ fn main() {
     for n in [4usize, 8, 16] {
         let mut rates = Vec::new();
         let mut overhead = Vec::new();
+        let mut waits = Vec::new();
+        let mut holds = Vec::new();
         for r in 0..runs {
             // A fresh engine per run: distinct prompts, nothing cached.
             let e = engine(&model);
@@ -147,11 +154,15 @@ fn main() {
             rates.push(run(&e, &prompts, 128).0);
             let c = e.stats().counters;
             overhead.push(c.schedule_nanos as f64 / c.step_nanos as f64 * 100.0);
+            waits.push(c.lock_wait_nanos as f64 / c.step_nanos as f64 * 100.0);
+            holds.push(c.plan_lock_nanos as f64 / c.step_nanos as f64 * 100.0);
         }
         println!(
-            "FIGURE aggregate output, {n} concurrent requests (230-token prompts, 128 out): {:.1} tok/s; scheduler time {:.2}% of step time",
+            "FIGURE aggregate output, {n} concurrent requests (230-token prompts, 128 out): {:.1} tok/s; scheduler time {:.2}% of step time; executor waited for the pool lock {:.3}% of step time (planning held it {:.2}%)",
             median(rates),
-            median(overhead)
+            median(overhead),
+            median(waits),
+            median(holds)
         );
     }
     let mut ttfts = Vec::new();

@@ -15,7 +15,8 @@ use strata_model::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::executor::{Executor, Runner, Step, StepResult};
-use crate::request::{Request, RequestHandle};
+use crate::request::{Request, RequestHandle, RequestId};
+use crate::sanitizer::Sanitizer;
 use crate::scheduler::{Counters, Scheduler, SchedulerConfig};
 use crate::session::{self, SessionId, SessionInfo, SharedRegistry};
 use crate::sync::{Arc, Mutex, lock, mpsc as std_mpsc, thread};
@@ -106,7 +107,7 @@ pub struct EngineConfig {
 }
 
 enum Msg {
-    Submit(u64, Request, mpsc::UnboundedSender<crate::Event>),
+    Submit(RequestId, Request, mpsc::UnboundedSender<crate::Event>),
     Done(StepResult),
     Idle(std_mpsc::Sender<()>),
     CreateSession(u64, Option<Vec<u8>>),
@@ -123,7 +124,8 @@ pub struct EngineStats {
     pub counters: Counters,
     /// The KV pool's counters and gauges.
     pub pool: PoolStats,
-    /// Sanitizer violations (each failed its step).
+    /// Sanitizer violations (each failed its step, or broke an invariant
+    /// of the pool at a periodic check).
     pub violations: u64,
 }
 
@@ -137,7 +139,7 @@ pub struct Engine {
     vocab: usize,
     queue_limit: usize,
     threads: Vec<thread::JoinHandle<()>>,
-    violations: std::sync::Arc<AtomicU64>,
+    sanitizer: std::sync::Arc<Sanitizer>,
     instance: u64,
     name: Arc<str>,
     registry: SharedRegistry,
@@ -173,12 +175,22 @@ impl Engine {
         )
         .map_err(|e| EngineError::Config(e.to_string()))?;
         let registry = SharedRegistry::default();
-        let mut scheduler = Scheduler::new(cache.clone(), &config, context, registry.clone());
+        let sanitizer = std::sync::Arc::new(Sanitizer::new(if config.scheduler.sanitize {
+            config.scheduler.check_every
+        } else {
+            0
+        }));
+        let mut scheduler = Scheduler::new(
+            cache.clone(),
+            &config,
+            context,
+            registry.clone(),
+            sanitizer.clone(),
+        );
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
-        let violations = std::sync::Arc::new(AtomicU64::new(0));
-        let mut executor = Executor::new(runner, cache.clone(), violations.clone());
+        let mut executor = Executor::new(runner, cache.clone(), sanitizer.clone());
         let exec = thread::Builder::new()
             .name("strata-executor".into())
             .spawn(move || {
@@ -278,7 +290,7 @@ impl Engine {
             vocab: config.vocab,
             queue_limit: config.queue_limit,
             threads: vec![sched, exec],
-            violations,
+            sanitizer,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             name: config.model_name.into(),
             registry,
@@ -302,8 +314,13 @@ impl Engine {
         EngineStats {
             counters: *lock(&self.counters),
             pool: self.cache.lock().stats(),
-            violations: self.violations.load(Ordering::Relaxed),
+            violations: self.sanitizer.violations(),
         }
+    }
+
+    /// The last sanitizer violation's message, if there was one.
+    pub fn last_violation(&self) -> Option<String> {
+        self.sanitizer.last()
     }
 
     /// Validates and queues a request; its events arrive on the handle.
@@ -337,7 +354,7 @@ impl Engine {
                 Some(true) => {}
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let session = req.session.clone();
         if self.tx.send(Msg::Submit(id, req, tx)).is_err() {

@@ -1,15 +1,24 @@
 //! The executor: runs steps in order on its own thread, samples, and
 //! reports each step's epoch to the KV core (complete or fail) before the
 //! next step starts.
+//!
+//! A step fails as a whole: the model returned an error, the sanitizer
+//! found a violation, or the logits do not match the rows that sample.
+//! Every request with a row in a failed step fails, and so do its rows in
+//! the next step, already planned on top of the failed one (they would
+//! compute over what it failed to write); the KV core taints what those
+//! rows' blocks hold, so none of it is ever read, kept or published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use strata_kv::{Access, BlockId, Epoch, Generation, KvCache, SlotRef, TokenId};
+use strata_kv::{Access, BlockId, Epoch, Generation, KvCache, PoolGuard, SlotRef, TokenId};
 use strata_model::{LlamaModel, Sampled, Sampler, SamplingParams, SeqInput};
 use strata_store::Arena;
+
+use crate::request::RequestId;
+use crate::sanitizer::Sanitizer;
 
 /// What runs the forward pass: the model over its arena, or a test double.
 pub trait Runner: Send + 'static {
@@ -19,6 +28,10 @@ pub trait Runner: Send + 'static {
     /// Makes a freshly allocated block's contents unreadable (the
     /// sanitizer's poison), so a stale read shows up in the output.
     fn poison(&mut self, _block: BlockId) {}
+
+    /// The requests whose rows the next `forward` call carries, in batch
+    /// order (for test doubles that account for outcomes, and diagnostics).
+    fn rows(&mut self, _requests: &[RequestId]) {}
 }
 
 /// The real model over its KV arena.
@@ -49,7 +62,7 @@ impl Runner for ModelRunner {
 /// One sequence's part of a step.
 #[derive(Clone, Debug)]
 pub(crate) struct StepSeq {
-    pub(crate) seq: u64,
+    pub(crate) seq: RequestId,
     /// Position of the first input.
     pub(crate) start: usize,
     /// The input is the token the previous step sampled for `seq`, to be
@@ -65,6 +78,8 @@ pub(crate) struct StepSeq {
     pub(crate) suppress: Vec<TokenId>,
     /// The sampler to create the first time the sequence samples.
     pub(crate) sampler: Option<(SamplingParams, Vec<TokenId>)>,
+    /// Sanitizer: every (block, generation) this row reads or writes.
+    pub(crate) accesses: Vec<(BlockId, Generation, Access)>,
 }
 
 /// A planned step.
@@ -73,159 +88,229 @@ pub(crate) struct Step {
     pub(crate) epoch: Epoch,
     pub(crate) seqs: Vec<StepSeq>,
     /// Sequences that will not appear again: drop their sampler state.
-    pub(crate) retire: Vec<u64>,
+    pub(crate) retire: Vec<RequestId>,
     /// Sanitizer: blocks allocated for this step, to poison first.
     pub(crate) poison: Vec<BlockId>,
-    /// Sanitizer: every (block, generation) the step reads or writes.
-    pub(crate) accesses: Vec<(BlockId, Generation, Access)>,
+}
+
+/// A row of a step that produced no sample.
+#[derive(Debug)]
+pub(crate) struct FailedRow {
+    pub(crate) seq: RequestId,
+    pub(crate) error: String,
+    /// The row was to sample (a sample the scheduler waits for).
+    pub(crate) sampling: bool,
 }
 
 /// What a step produced.
 #[derive(Debug)]
 pub(crate) struct StepResult {
     pub(crate) epoch: Epoch,
-    pub(crate) samples: Vec<(u64, Sampled)>,
-    /// Sequences of the step that failed, with why.
-    pub(crate) failed: Vec<(u64, String)>,
+    pub(crate) samples: Vec<(RequestId, Sampled)>,
+    /// Rows of the step that failed, with why.
+    pub(crate) failed: Vec<FailedRow>,
     /// Time spent running it.
     pub(crate) nanos: u64,
+    /// Of that, time spent waiting for the pool lock.
+    pub(crate) lock_wait_nanos: u64,
 }
 
 /// Per-sequence state that lives with the executor.
 pub(crate) struct Executor<R> {
     runner: R,
     cache: KvCache,
-    samplers: HashMap<u64, Sampler>,
+    samplers: HashMap<RequestId, Sampler>,
     /// The token each sequence's latest step sampled.
-    last: HashMap<u64, TokenId>,
-    /// Sanitizer violations seen.
-    violations: Arc<AtomicU64>,
+    last: HashMap<RequestId, TokenId>,
+    /// Sequences whose rows failed in the previous step: their rows in this
+    /// step were planned on top of it and fail too.
+    doomed: HashSet<RequestId>,
+    sanitizer: Arc<Sanitizer>,
+    lock_wait: u64,
 }
 
 impl<R: Runner> Executor<R> {
-    pub(crate) fn new(runner: R, cache: KvCache, violations: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(runner: R, cache: KvCache, sanitizer: Arc<Sanitizer>) -> Self {
         Self {
             runner,
             cache,
             samplers: HashMap::new(),
             last: HashMap::new(),
-            violations,
+            doomed: HashSet::new(),
+            sanitizer,
+            lock_wait: 0,
         }
     }
 
-    /// The sanitizer's check of the step's accesses against the pool.
-    fn validate(
-        &self,
-        epoch: Epoch,
-        accesses: &[(BlockId, Generation, Access)],
-    ) -> Result<(), String> {
-        if accesses.is_empty() {
+    /// The sanitizer's check of the rows' accesses against the pool.
+    fn validate(&mut self, epoch: Epoch, rows: &[StepSeq]) -> Result<(), String> {
+        if rows.iter().all(|r| r.accesses.is_empty()) {
             return Ok(());
         }
-        self.cache.lock().validate(epoch, accesses).map_err(|e| {
-            self.violations.fetch_add(1, Ordering::Relaxed);
-            e.to_string()
+        let checked = {
+            let g = lock_counted(&self.cache, &mut self.lock_wait);
+            rows.iter().try_for_each(|r| g.validate(epoch, &r.accesses))
+        };
+        checked.map_err(|e| {
+            let msg = e.to_string();
+            self.sanitizer.report(&msg);
+            msg
         })
     }
 
     /// Runs one step and reports its epoch to the KV core.
     pub(crate) fn run(&mut self, step: Step) -> StepResult {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
+        self.lock_wait = 0;
         for id in &step.retire {
             self.samplers.remove(id);
             self.last.remove(id);
         }
         let mut failed = Vec::new();
-        // A pending input becomes known: the previous step's sample,
-        // recorded in its slot; rows whose sample is missing fail.
-        let mut seqs = step.seqs;
-        seqs.retain_mut(|s| {
-            let Some(slot) = s.pending else {
-                return true;
-            };
-            let resolved = match self.last.get(&s.seq) {
-                Some(&t) => self
-                    .cache
-                    .lock()
-                    .resolve(slot, t)
-                    .map(|()| t)
-                    .map_err(|e| e.to_string()),
-                None => Err("the step that sampled its previous token failed".into()),
-            };
-            match resolved {
-                Ok(t) => {
-                    s.known.push(t);
-                    true
-                }
-                Err(e) => {
-                    failed.push((s.seq, e));
-                    false
-                }
+        let doomed = std::mem::take(&mut self.doomed);
+        let mut rows = step.seqs;
+        rows.retain(|r| {
+            if doomed.contains(&r.seq) {
+                failed.push(FailedRow {
+                    seq: r.seq,
+                    error: "a step this row builds on failed".into(),
+                    sampling: r.sample,
+                });
             }
+            !doomed.contains(&r.seq)
         });
-        let rows: Vec<&StepSeq> = seqs.iter().collect();
-        let batch: Vec<SeqInput<'_>> = rows
-            .iter()
-            .map(|s| SeqInput {
-                tokens: &s.known,
-                start: s.start,
-                block_table: &s.table,
-                logits: s.sample,
-            })
-            .collect();
+        // A pending input becomes known: the previous step's sample,
+        // recorded in its slot, all under one lock; rows whose sample is
+        // missing fail.
+        {
+            let last = &self.last;
+            let mut g = lock_counted(&self.cache, &mut self.lock_wait);
+            rows.retain_mut(|r| {
+                let Some(slot) = r.pending else {
+                    return true;
+                };
+                let resolved = match last.get(&r.seq) {
+                    Some(&t) => g.resolve(slot, t).map(|()| t).map_err(|e| e.to_string()),
+                    None => Err("the step that sampled its previous token failed".into()),
+                };
+                match resolved {
+                    Ok(t) => {
+                        r.known.push(t);
+                        true
+                    }
+                    Err(error) => {
+                        failed.push(FailedRow {
+                            seq: r.seq,
+                            error,
+                            sampling: r.sample,
+                        });
+                        false
+                    }
+                }
+            });
+        }
         for &b in &step.poison {
             self.runner.poison(b);
         }
-        let logits = if batch.is_empty() {
+        let outcome = if rows.is_empty() {
             Ok(Vec::new())
         } else {
-            self.validate(step.epoch, &step.accesses)
-                .and_then(|()| self.runner.forward(&batch))
-                .and_then(|l| self.validate(step.epoch, &step.accesses).map(|()| l))
+            self.validate(step.epoch, &rows)
+                .and_then(|()| self.forward(&rows))
+                .and_then(|l| self.validate(step.epoch, &rows).map(|()| l))
         };
         let mut samples = Vec::new();
-        match logits {
+        let epoch = step.epoch;
+        match outcome {
             Ok(logits) => {
-                let mut it = logits.into_iter();
-                for s in rows.iter().filter(|s| s.sample) {
-                    let Some(mut l) = it.next() else {
-                        failed.push((s.seq, "the model returned too few logits".into()));
-                        continue;
-                    };
-                    for t in &s.suppress {
+                for (r, mut l) in rows.iter().filter(|r| r.sample).zip(logits) {
+                    for t in &r.suppress {
                         if let Some(x) = l.get_mut(t.get() as usize) {
                             *x = f32::NEG_INFINITY;
                         }
                     }
-                    let sampler = self.samplers.entry(s.seq).or_insert_with(|| {
-                        let (params, prompt) = s.sampler.clone().unwrap_or_default();
+                    let sampler = self.samplers.entry(r.seq).or_insert_with(|| {
+                        let (params, prompt) = r.sampler.clone().unwrap_or_default();
                         Sampler::new(params, &prompt)
                     });
                     let sampled = sampler.sample(&l);
-                    self.last.insert(s.seq, sampled.token);
-                    samples.push((s.seq, sampled));
+                    self.last.insert(r.seq, sampled.token);
+                    samples.push((r.seq, sampled));
                 }
-                self.cache
-                    .lock()
-                    .complete(step.epoch)
+                let mut g = lock_counted(&self.cache, &mut self.lock_wait);
+                g.complete(epoch)
                     .expect("steps complete in the order their epochs were issued");
+                check(&self.sanitizer, &g, epoch);
             }
             Err(e) => {
-                for s in &rows {
-                    self.last.remove(&s.seq);
-                    failed.push((s.seq, format!("step failed: {e}")));
+                for r in &rows {
+                    self.last.remove(&r.seq);
+                    self.doomed.insert(r.seq);
+                    failed.push(FailedRow {
+                        seq: r.seq,
+                        error: format!("step failed: {e}"),
+                        sampling: r.sample,
+                    });
                 }
-                self.cache
-                    .lock()
-                    .fail(step.epoch)
+                let mut g = lock_counted(&self.cache, &mut self.lock_wait);
+                g.fail(epoch)
                     .expect("steps fail in the order their epochs were issued");
+                check(&self.sanitizer, &g, epoch);
             }
         }
         StepResult {
-            epoch: step.epoch,
+            epoch,
             samples,
             failed,
             nanos: t0.elapsed().as_nanos() as u64,
+            lock_wait_nanos: self.lock_wait,
         }
     }
+
+    /// The forward pass, refusing logits that do not match the rows that
+    /// sample (a model that returns fewer would leave a row without its
+    /// sample, or give it another row's).
+    fn forward(&mut self, rows: &[StepSeq]) -> Result<Vec<Vec<f32>>, String> {
+        let batch: Vec<SeqInput<'_>> = rows
+            .iter()
+            .map(|r| SeqInput {
+                tokens: &r.known,
+                start: r.start,
+                block_table: &r.table,
+                logits: r.sample,
+            })
+            .collect();
+        let ids: Vec<RequestId> = rows.iter().map(|r| r.seq).collect();
+        self.runner.rows(&ids);
+        let logits = self.runner.forward(&batch)?;
+        let wanted = rows.iter().filter(|r| r.sample).count();
+        if logits.len() != wanted {
+            return Err(format!(
+                "the model returned {} logits rows for {wanted} sampling rows",
+                logits.len()
+            ));
+        }
+        Ok(logits)
+    }
 }
+
+/// Locks the pool, adding the wait to `wait` (the scheduler plans under the
+/// same lock).
+fn lock_counted<'a>(cache: &'a KvCache, wait: &mut u64) -> PoolGuard<'a> {
+    let t = Instant::now();
+    let g = cache.lock();
+    *wait += t.elapsed().as_nanos() as u64;
+    g
+}
+
+/// The sanitizer's periodic whole-pool check, after a step's completion.
+fn check(sanitizer: &Sanitizer, g: &PoolGuard<'_>, epoch: Epoch) {
+    if sanitizer.due(epoch.get())
+        && let Err(e) = g.check_invariants()
+    {
+        sanitizer.report(&format!("KV invariants after step {epoch:?}: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,6 +13,7 @@
 mod engine;
 mod executor;
 mod request;
+mod sanitizer;
 mod scheduler;
 mod session;
 mod sync;
@@ -20,6 +21,6 @@ mod text;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};
-pub use request::{Event, FinishReason, Request, RequestHandle, StopConditions, Usage};
+pub use request::{Event, FinishReason, Request, RequestHandle, RequestId, StopConditions, Usage};
 pub use scheduler::{Counters, SchedulerConfig};
 pub use session::{SessionId, SessionInfo};

@@ -1,8 +1,33 @@
 //! What a client hands the engine, and what comes back.
 
+use std::fmt;
+
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
 use tokio::sync::mpsc;
+
+/// The engine's number for a request, unique within its engine.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub(crate) u64);
+
+impl RequestId {
+    /// The raw number (logs, metrics, the sanitizer's owner tags).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
 
 /// When a sequence stops, besides the model's end-of-sequence tokens.
 #[derive(Clone, Debug, Default)]
@@ -94,13 +119,13 @@ pub enum Event {
 /// blocks come back (through quarantine if a step still uses them).
 #[derive(Debug)]
 pub struct RequestHandle {
-    pub(crate) id: u64,
+    pub(crate) id: RequestId,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
 }
 
 impl RequestHandle {
     /// The engine's id for the request.
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> RequestId {
         self.id
     }
 

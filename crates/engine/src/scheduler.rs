@@ -1,8 +1,8 @@
 //! The scheduler: synchronous, no threads of its own. It admits requests
 //! (`lookup_and_pin` of the prompt's prefix, then allocation of the rest),
 //! plans each step under a token budget (decode rows first, then chunks of
-//! prefill), preempts the newest request when decode runs out of blocks,
-//! and turns step results into events.
+//! prefill), makes room when blocks run out (`room.rs`), keeps sessions'
+//! turns (`turns.rs`), and turns step results into events.
 //!
 //! ```text
 //!   a sequence's tokens:  [0 .............. T)   known (prompt + sampled)
@@ -12,21 +12,28 @@
 //!             "the token the previous step samples" if computed == T, p == 1
 //! ```
 
+mod room;
+mod turns;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use strata_kv::{
-    Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, Generation, KvCache, KvError, Lease,
-    OwnerTag, PoolGuard, TokenId,
+    Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, KvCache, KvError, Lease, OwnerTag,
+    PoolGuard, TokenId,
 };
 use strata_model::{SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::EngineConfig;
 use crate::executor::{Step, StepResult, StepSeq};
-use crate::request::{Event, FinishReason, Request, Usage};
-use crate::session::{self, Session, SessionInfo, SharedRegistry};
+use crate::request::{Event, FinishReason, Request, RequestId, Usage};
+use crate::sanitizer::Sanitizer;
+use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
+
+use room::Room;
 
 /// Scheduling limits.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +45,9 @@ pub struct SchedulerConfig {
     /// The sanitizer: record each step's (block, generation) accesses for
     /// the executor to validate, and poison blocks as they are allocated.
     pub sanitize: bool,
+    /// With the sanitizer on, check every invariant of the KV pool after
+    /// each `check_every`-th step (planning and completion; 0: never).
+    pub check_every: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -46,6 +56,7 @@ impl Default for SchedulerConfig {
             max_step_tokens: 512,
             max_running: 64,
             sanitize: cfg!(debug_assertions),
+            check_every: 64,
         }
     }
 }
@@ -61,6 +72,10 @@ pub struct Counters {
     pub results: u64,
     /// Nanoseconds the executor spent running steps (forward and sampling).
     pub step_nanos: u64,
+    /// Of those, nanoseconds the executor waited for the KV pool's lock.
+    pub lock_wait_nanos: u64,
+    /// Nanoseconds the scheduler held the KV pool's lock while planning.
+    pub plan_lock_nanos: u64,
     /// Nanoseconds the scheduler spent planning steps and applying their
     /// results (its overhead).
     pub schedule_nanos: u64,
@@ -70,9 +85,21 @@ pub struct Counters {
     pub rows: u64,
     /// Requests preempted (their blocks given back, re-queued).
     pub preemptions: u64,
+    /// Rows that waited a step for blocks the step in flight gives back.
+    pub waits_for_blocks: u64,
+    /// Idle sessions unpinned to make room.
+    pub sessions_unpinned: u64,
+    /// Blocks that rows and admissions were short of, beyond the free ones
+    /// and those coming back, when pins were given up for them (each
+    /// preemption or unpin covers at least one: no cascade).
+    pub blocks_short: u64,
     /// Admissions deferred because the next prompt block was being filled
     /// by another request.
     pub waits_for_pending: u64,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: u64,
+    /// Of those, tokens found in the prefix cache (or a session's pins).
+    pub cached_tokens: u64,
     /// Requests finished (any reason).
     pub finished: u64,
     /// Requests aborted.
@@ -83,17 +110,26 @@ pub struct Counters {
     pub running: usize,
 }
 
+/// What admitting a waiting request gave.
+enum Admission {
+    Admitted,
+    /// It stays first in line.
+    Wait,
+    /// It was finished (an error) and left the line.
+    Gone,
+}
+
 /// What planning one request's row gave.
 enum Planned {
-    Row(StepSeq),
-    /// No block could be allocated for it.
-    NoBlocks,
+    Row(Box<StepSeq>),
+    /// It needs this many more blocks than it may take now.
+    NoBlocks(usize),
     /// It cannot continue.
     Failed(String),
 }
 
 struct Seq {
-    id: u64,
+    id: RequestId,
     prompt_len: usize,
     tokens: Vec<TokenId>,
     computed: usize,
@@ -111,6 +147,15 @@ struct Seq {
     events: mpsc::UnboundedSender<Event>,
     /// The session this request is a turn of.
     session: Option<u64>,
+    /// A turn's tokens are the conversation so far, then its prompt: joined
+    /// at its first admission (after the previous turn's hand-over).
+    joined: bool,
+    /// `max_tokens` as asked (the limit is also clamped to the context).
+    max_asked: usize,
+    /// A finished turn's tokens for its session, and how many of them the
+    /// lease may keep KV for: handed over once no step in flight writes
+    /// into the lease.
+    handover: Option<(Vec<TokenId>, usize)>,
     /// Its text and stop strings (engines with a tokenizer).
     text: Option<TextState>,
 }
@@ -130,24 +175,23 @@ pub(crate) struct Scheduler {
     context: usize,
     eos: Vec<TokenId>,
     config: SchedulerConfig,
-    seqs: HashMap<u64, Seq>,
+    seqs: HashMap<RequestId, Seq>,
     /// In arrival order (ids grow with arrival).
-    waiting: VecDeque<u64>,
+    waiting: VecDeque<RequestId>,
     /// In arrival order.
-    running: Vec<u64>,
-    retire: Vec<u64>,
+    running: Vec<RequestId>,
+    retire: Vec<RequestId>,
     counters: Counters,
     /// The epoch of the latest step result.
     last_done: Epoch,
     /// Blocks allocated while planning the current step (sanitizer).
     fresh: Vec<BlockId>,
-    /// The current step's accesses (sanitizer).
-    accesses: Vec<(BlockId, Generation, Access)>,
     sessions: HashMap<u64, Session>,
     registry: SharedRegistry,
     /// Idle sessions give up their pins after this long.
     session_ttl: std::time::Duration,
     tokenizer: Option<Arc<Tokenizer>>,
+    sanitizer: Arc<Sanitizer>,
 }
 
 impl Scheduler {
@@ -158,6 +202,7 @@ impl Scheduler {
         engine: &EngineConfig,
         context: usize,
         registry: SharedRegistry,
+        sanitizer: Arc<Sanitizer>,
     ) -> Self {
         let (hasher, block_size) = {
             let g = cache.lock();
@@ -178,11 +223,11 @@ impl Scheduler {
             counters: Counters::default(),
             last_done: Epoch::ZERO,
             fresh: Vec::new(),
-            accesses: Vec::new(),
             sessions: HashMap::new(),
             registry,
             session_ttl: engine.session_ttl,
             tokenizer: engine.tokenizer.clone(),
+            sanitizer,
         }
     }
 
@@ -216,92 +261,14 @@ impl Scheduler {
         for (id, s) in &self.sessions {
             let _ = writeln!(
                 out,
-                "session {id}: tokens {} pinned {} turn {:?}",
+                "session {id}: tokens {} pinned {} turn {:?} handover {:?}",
                 s.tokens.len(),
                 s.lease.is_some(),
-                s.turn
+                s.turn,
+                s.handover
             );
         }
         out
-    }
-
-    /// A new session with an empty conversation.
-    pub(crate) fn create_session(&mut self, id: u64, salt: Option<Vec<u8>>) {
-        let root = self.hasher.root(ExtraKeys {
-            model_fingerprint: &self.fingerprint,
-            cache_salt: salt.as_deref(),
-        });
-        self.sessions.insert(
-            id,
-            Session {
-                tokens: Vec::new(),
-                root,
-                lease: None,
-                turn: None,
-                last_used: std::time::Instant::now(),
-            },
-        );
-    }
-
-    /// Ends a session; a running turn is aborted (its blocks wait in
-    /// quarantine for the steps still using them).
-    pub(crate) fn destroy_session(&mut self, id: u64) -> bool {
-        let Some(s) = self.sessions.get(&id) else {
-            return false;
-        };
-        if let Some(turn) = s.turn {
-            self.counters.aborted += 1;
-            self.finish(turn, FinishReason::Abort);
-        }
-        self.sessions.remove(&id);
-        true
-    }
-
-    /// The live sessions.
-    pub(crate) fn session_infos(&self) -> Vec<SessionInfo> {
-        let mut v: Vec<SessionInfo> = self
-            .sessions
-            .iter()
-            .map(|(&id, s)| SessionInfo {
-                id,
-                tokens: s.tokens.len(),
-                pinned: s.lease.is_some()
-                    || s.turn
-                        .and_then(|t| self.seqs.get(&t))
-                        .is_some_and(|q| q.lease.is_some()),
-                busy: s.turn.is_some(),
-            })
-            .collect();
-        v.sort_by_key(|s| s.id);
-        v
-    }
-
-    /// Unpins sessions idle for longer than the time-to-live: their full
-    /// blocks stay cached, the partial tail is recomputed next turn.
-    pub(crate) fn unpin_expired(&mut self) {
-        let now = std::time::Instant::now();
-        for s in self.sessions.values_mut() {
-            if s.turn.is_none() && now.duration_since(s.last_used) >= self.session_ttl {
-                s.lease = None;
-            }
-        }
-    }
-
-    /// Under block pressure: unpins the least recently used idle session.
-    fn unpin_one_idle(&mut self, g: &mut PoolGuard<'_>) -> Result<bool, KvError> {
-        // Pins at rest in a session: idle, or its turn not admitted yet.
-        let lru = self
-            .sessions
-            .values_mut()
-            .filter(|s| s.lease.is_some())
-            .min_by_key(|s| s.last_used);
-        match lru.and_then(|s| s.lease.take()) {
-            Some(lease) => {
-                g.release(lease)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
     }
 
     pub(crate) fn counters(&self) -> Counters {
@@ -313,13 +280,17 @@ impl Scheduler {
     }
 
     /// Queues a request the engine has validated.
-    pub(crate) fn add(&mut self, id: u64, req: Request, events: mpsc::UnboundedSender<Event>) {
+    pub(crate) fn add(
+        &mut self,
+        id: RequestId,
+        req: Request,
+        events: mpsc::UnboundedSender<Event>,
+    ) {
         let mut root = self.hasher.root(ExtraKeys {
             model_fingerprint: &self.fingerprint,
             cache_salt: req.cache_salt.as_deref(),
         });
-        let mut tokens = req.prompt;
-        let lease = None;
+        let tokens = req.prompt;
         let session = req.session.map(|s| s.id);
         if let Some(sid) = session {
             let Some(s) = self.sessions.get_mut(&sid) else {
@@ -329,35 +300,14 @@ impl Scheduler {
                 });
                 return;
             };
-            let mut all = s.tokens.clone();
-            all.extend_from_slice(&tokens);
-            tokens = all;
             root = s.root;
             // The session keeps its pins until the turn is admitted: a
             // waiting request holds none (or two waiting turns could each
             // hold what the other needs).
             s.turn = Some(id);
         }
-        if tokens.len() >= self.context {
-            // A session's conversation can outgrow the context.
-            if let Some(sid) = session {
-                self.end_turn(sid, None, None);
-            }
-            let _ = events.send(Event::Finished {
-                reason: FinishReason::Error(format!(
-                    "the conversation has {} tokens; this model's maximum context length is {} tokens",
-                    tokens.len(),
-                    self.context
-                )),
-                usage: Usage::default(),
-            });
-            return;
-        }
-        let max_tokens = req
-            .stop
-            .max_tokens
-            .unwrap_or(usize::MAX)
-            .min(self.context - tokens.len());
+        let max_asked = req.stop.max_tokens.unwrap_or(usize::MAX);
+        let max_tokens = max_asked.min(self.context.saturating_sub(tokens.len()));
         let mut stops = req.stop.stop_token_ids.clone();
         if !req.stop.ignore_eos {
             stops.extend_from_slice(&self.eos);
@@ -368,7 +318,7 @@ impl Scheduler {
             tokens,
             computed: 0,
             outstanding: 0,
-            lease,
+            lease: None,
             root,
             sampling: req.sampling,
             sampler_sent: false,
@@ -379,6 +329,9 @@ impl Scheduler {
             finished: false,
             events,
             session,
+            joined: session.is_none(),
+            max_asked,
+            handover: None,
             text: self
                 .tokenizer
                 .as_ref()
@@ -411,7 +364,7 @@ impl Scheduler {
 
     /// Aborts every request whose client went away.
     pub(crate) fn reap_disconnected(&mut self) {
-        let gone: Vec<u64> = self
+        let gone: Vec<RequestId> = self
             .seqs
             .values()
             .filter(|s| !s.finished && s.events.is_closed())
@@ -425,7 +378,7 @@ impl Scheduler {
 
     /// Aborts everything (shutdown).
     pub(crate) fn abort_all(&mut self) {
-        let ids: Vec<u64> = self
+        let ids: Vec<RequestId> = self
             .seqs
             .values()
             .filter(|s| !s.finished)
@@ -442,12 +395,14 @@ impl Scheduler {
         if !self.has_work() {
             return Ok(None);
         }
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let cache = self.cache.clone();
         let mut g = cache.lock();
+        let locked = Instant::now();
         let epoch = g.next_epoch();
+        let mut room = Room::new(&g, epoch);
         let mut budget = self.config.max_step_tokens;
-        let mut seqs = Vec::new();
+        let mut seqs: Vec<StepSeq> = Vec::new();
         let preemptions_before = self.counters.preemptions;
         // Decode rows first (one token each), oldest first; then prefill.
         for decode in [true, false] {
@@ -459,62 +414,64 @@ impl Scheduler {
                 let is_decode = remaining <= 1;
                 if !self.plannable(s)
                     || is_decode != decode
-                    || seqs.iter().any(|r: &StepSeq| r.seq == id)
+                    || seqs.iter().any(|r| r.seq == id)
+                    || room.is_waiting(id)
                 {
                     i += 1;
                     continue;
                 }
-                match self.plan_row(&mut g, id, epoch, budget)? {
+                match self.plan_row(&mut g, &room, id, epoch, budget)? {
                     Planned::Row(row) => {
                         budget -= row.known.len().max(1);
-                        seqs.push(row);
+                        seqs.push(*row);
                         i += 1;
                     }
                     Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
-                    Planned::NoBlocks => {
-                        // Out of blocks: an idle session's pins go first.
-                        if self.unpin_one_idle(&mut g)? {
-                            continue;
-                        }
-                        // Then the newest running request not in this step
-                        // gives its blocks back (maybe this one).
-                        let victim = *self
-                            .running
-                            .iter()
-                            .rev()
-                            .find(|v| !seqs.iter().any(|r| r.seq == **v))
-                            .expect("the current request is not in the step yet");
-                        self.preempt(&mut g, victim)?;
-                        if victim == id {
-                            continue;
-                        }
+                    Planned::NoBlocks(need) => {
+                        let now = self.make_room(&mut g, &mut room, id, need, &seqs)?;
+                        // Preemption may have moved it; if it waits this
+                        // step (for blocks the step in flight gives back,
+                        // or for others to finish), go on after it.
+                        let at = self.running.partition_point(|&r| r < id);
+                        i = if now { at } else { at + 1 };
                     }
                 }
             }
         }
         // Admission, first come first served; not in a step that had to
-        // preempt (the blocks just freed are for the running requests).
-        let preempted = self.counters.preemptions > preemptions_before;
-        while !preempted && budget > 0 && self.running.len() < self.config.max_running {
+        // preempt or whose running requests wait for blocks (the blocks
+        // coming back are theirs).
+        let pressed = self.counters.preemptions > preemptions_before || room.promised() > 0;
+        while !pressed && budget > 0 && self.running.len() < self.config.max_running {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            if !self.admit(&mut g, id)? {
-                break;
+            match self.admit(&mut g, &mut room, id)? {
+                Admission::Admitted => {}
+                Admission::Wait => break,
+                Admission::Gone => continue,
             }
             self.waiting.pop_front();
             let at = self.running.partition_point(|&r| r < id);
             self.running.insert(at, id);
-            match self.plan_row(&mut g, id, epoch, budget)? {
+            match self.plan_row(&mut g, &room, id, epoch, budget)? {
                 Planned::Row(row) => {
                     budget -= row.known.len().max(1);
-                    seqs.push(row);
+                    seqs.push(*row);
                 }
                 Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
-                Planned::NoBlocks => {}
+                Planned::NoBlocks(_) => {}
             }
         }
+        if self.config.sanitize
+            && self.sanitizer.due(epoch.get())
+            && let Err(e) = g.check_invariants()
+        {
+            self.sanitizer
+                .report(&format!("KV invariants after planning step {epoch:?}: {e}"));
+        }
         drop(g);
+        self.counters.plan_lock_nanos += locked.elapsed().as_nanos() as u64;
         self.counters.steps += 1;
         self.counters.overlapped_steps += overlapped as u64;
         self.counters.rows += (self.config.max_step_tokens - budget) as u64;
@@ -525,25 +482,76 @@ impl Scheduler {
             seqs,
             retire: std::mem::take(&mut self.retire),
             poison: std::mem::take(&mut self.fresh),
-            accesses: std::mem::take(&mut self.accesses),
         }))
     }
 
-    /// Looks up and pins the prefix of a waiting request, then allocates
-    /// blocks for the rest of its known tokens. `false`: it must wait (its
-    /// pins are dropped).
-    fn admit(&mut self, g: &mut PoolGuard<'_>, id: u64) -> Result<bool, KvError> {
-        let s = self.seqs.get_mut(&id).expect("waiting requests exist");
-        if s.outstanding > 0 {
-            // Preempted with a sample still coming back: wait for it.
-            return Ok(false);
+    /// A session turn's tokens become the conversation so far, then its
+    /// prompt. `false`: not yet (the previous turn's hand-over waits for
+    /// the step in flight), or never (the turn was finished with an error).
+    fn join_conversation(&mut self, id: RequestId) -> bool {
+        let s = &self.seqs[&id];
+        let Some(sid) = s.session.filter(|_| !s.joined) else {
+            return true;
+        };
+        let Some(sess) = self.sessions.get(&sid) else {
+            self.finish(
+                id,
+                FinishReason::Error(format!("session {sid} was destroyed")),
+            );
+            return false;
+        };
+        if sess.handover.is_some() {
+            return false;
         }
+        let total = sess.tokens.len() + s.tokens.len();
+        if total >= self.context {
+            // A session's conversation can outgrow the context.
+            self.finish(
+                id,
+                FinishReason::Error(format!(
+                    "the conversation has {total} tokens; this model's maximum context length is {} tokens",
+                    self.context
+                )),
+            );
+            return false;
+        }
+        let mut tokens = sess.tokens.clone();
+        let s = self.seqs.get_mut(&id).expect("checked above");
+        tokens.extend_from_slice(&s.tokens);
+        s.tokens = tokens;
+        s.prompt_len = total;
+        s.max_tokens = s.max_asked.min(self.context - total);
+        s.joined = true;
+        true
+    }
+
+    /// Looks up and pins the prefix of a waiting request, then allocates
+    /// blocks for the rest of its known tokens. `Wait`: not now (its pins
+    /// are dropped); `Gone`: it was finished instead.
+    fn admit(
+        &mut self,
+        g: &mut PoolGuard<'_>,
+        room: &mut Room,
+        id: RequestId,
+    ) -> Result<Admission, KvError> {
+        if self.seqs[&id].outstanding > 0 {
+            // Preempted with a sample still coming back: wait for it.
+            return Ok(Admission::Wait);
+        }
+        if !self.join_conversation(id) {
+            return Ok(if self.seqs.get(&id).is_some_and(|s| !s.finished) {
+                Admission::Wait
+            } else {
+                Admission::Gone
+            });
+        }
+        let s = &self.seqs[&id];
         // A session's turn takes the session's pinned blocks.
         let carried = s
             .session
             .and_then(|sid| self.sessions.get_mut(&sid))
             .and_then(|x| x.lease.take());
-        let s = self.seqs.get_mut(&id).expect("waiting requests exist");
+        let s = &self.seqs[&id];
         let from_session = carried.is_some();
         let (lease, hit_blocks, hit_tokens) = match carried {
             Some(lease) => {
@@ -554,10 +562,10 @@ impl Scheduler {
             None => {
                 let mut seq = self.hasher.sequence(s.root);
                 seq.extend(&s.tokens);
-                let (lease, hit) = g.lookup_and_pin(OwnerTag(id), &seq)?;
+                let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
                 if hit.pending.is_some() {
                     self.counters.waits_for_pending += 1;
-                    return Ok(false);
+                    return Ok(Admission::Wait);
                 }
                 (lease, hit.blocks, hit.tokens)
             }
@@ -566,39 +574,24 @@ impl Scheduler {
         // Keep a block of headroom per running request for its decode, so
         // a new admission does not force the next step to preempt.
         let reserve = self.running.len();
-        loop {
-            let short = g.free_blocks() < need + reserve;
-            let result = if short {
-                Err(KvError::OutOfBlocks {
-                    needed: need + reserve,
-                    free: g.free_blocks(),
-                })
-            } else {
-                g.allocate(&lease, need)
-            };
-            match result {
-                Ok(_) => break,
-                Err(KvError::OutOfBlocks { .. }) => {
-                    if self.unpin_one_idle(g)? {
-                        continue;
-                    }
-                    // Wait, holding nothing; a session's pins go back to
-                    // the session (where pressure may take them).
-                    if from_session {
-                        let sid = self.seqs[&id].session.expect("a session's turn");
-                        if let Some(x) = self.sessions.get_mut(&sid) {
-                            x.lease = Some(lease);
-                        }
-                    }
-                    return Ok(false);
+        if !self.room_for_admission(g, room, need + reserve)? {
+            // Wait, holding nothing; a session's pins go back to the
+            // session (where pressure may take them).
+            if from_session {
+                let sid = self.seqs[&id].session.expect("a session's turn");
+                if let Some(x) = self.sessions.get_mut(&sid) {
+                    x.lease = Some(lease);
                 }
-                Err(e) => return Err(e),
             }
+            return Ok(Admission::Wait);
         }
+        g.allocate(&lease, need)?;
         if self.config.sanitize {
             self.fresh
                 .extend_from_slice(&g.table(lease.id())?[hit_blocks..]);
         }
+        self.counters.prompt_tokens += self.seqs[&id].tokens.len() as u64;
+        self.counters.cached_tokens += hit_tokens as u64;
         let s = self.seqs.get_mut(&id).expect("waiting requests exist");
         s.computed = hit_tokens;
         s.lease = Some(lease);
@@ -608,7 +601,7 @@ impl Scheduler {
                 cached_tokens: hit_tokens,
             });
         }
-        Ok(true)
+        Ok(Admission::Admitted)
     }
 
     /// The row of running request `id` in this step, writing its tokens
@@ -616,7 +609,8 @@ impl Scheduler {
     fn plan_row(
         &mut self,
         g: &mut PoolGuard<'_>,
-        id: u64,
+        room: &Room,
+        id: RequestId,
         epoch: Epoch,
         budget: usize,
     ) -> Result<Planned, KvError> {
@@ -632,11 +626,10 @@ impl Scheduler {
         let have = g.table(lease.id())?.len();
         let need = (s.computed + n).div_ceil(bs).saturating_sub(have);
         if need > 0 {
-            match g.allocate(lease, need) {
-                Ok(_) => {}
-                Err(KvError::OutOfBlocks { .. }) => return Ok(Planned::NoBlocks),
-                Err(e) => return Err(e),
+            if need > room.available_now(g) {
+                return Ok(Planned::NoBlocks(need));
             }
+            g.allocate(lease, need)?;
             if self.config.sanitize {
                 self.fresh.extend_from_slice(&g.table(lease.id())?[have..]);
             }
@@ -678,6 +671,7 @@ impl Scheduler {
             Vec::new()
         };
         let table = g.table(lease.id())?.to_vec();
+        let mut accesses = Vec::new();
         if self.config.sanitize {
             let end = (start + n).div_ceil(bs);
             for (j, &b) in table[..end].iter().enumerate() {
@@ -686,10 +680,10 @@ impl Scheduler {
                 } else {
                     Access::Read
                 };
-                self.accesses.push((b, g.generation(b), access));
+                accesses.push((b, g.generation(b), access));
             }
         }
-        Ok(Planned::Row(StepSeq {
+        Ok(Planned::Row(Box::new(StepSeq {
             seq: id,
             start,
             pending: slot,
@@ -698,22 +692,8 @@ impl Scheduler {
             sample,
             suppress,
             sampler,
-        }))
-    }
-
-    /// Gives a running request's blocks back (at once, so this step's
-    /// allocations can use them) and re-queues it in its place.
-    fn preempt(&mut self, g: &mut PoolGuard<'_>, id: u64) -> Result<(), KvError> {
-        let s = self.seqs.get_mut(&id).expect("running requests exist");
-        if let Some(lease) = s.lease.take() {
-            g.release(lease)?;
-        }
-        s.computed = 0;
-        self.running.retain(|&r| r != id);
-        let at = self.waiting.partition_point(|&w| w < id);
-        self.waiting.insert(at, id);
-        self.counters.preemptions += 1;
-        Ok(())
+            accesses,
+        })))
     }
 
     /// Applies a step's results: tokens to clients, finished requests.
@@ -725,14 +705,17 @@ impl Scheduler {
         self.last_done = r.epoch;
         self.counters.results += 1;
         self.counters.step_nanos += r.nanos;
-        let t0 = std::time::Instant::now();
-        for (id, e) in r.failed {
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.outstanding = s.outstanding.saturating_sub(1);
-                if !s.finished {
-                    self.finish(id, FinishReason::Error(e));
+        self.counters.lock_wait_nanos += r.lock_wait_nanos;
+        let t0 = Instant::now();
+        for f in r.failed {
+            if let Some(s) = self.seqs.get_mut(&f.seq) {
+                if f.sampling {
+                    s.outstanding -= 1;
                 }
-                self.forget_if_done(id);
+                if !s.finished {
+                    self.finish(f.seq, FinishReason::Error(f.error));
+                }
+                self.forget_if_done(f.seq);
             }
         }
         for (id, sampled) in r.samples {
@@ -780,23 +763,18 @@ impl Scheduler {
         self.counters.schedule_nanos += t0.elapsed().as_nanos() as u64;
     }
 
-    fn finish(&mut self, id: u64, reason: FinishReason) {
+    fn finish(&mut self, id: RequestId, reason: FinishReason) {
         let s = self.seqs.get_mut(&id).expect("finishing a known request");
         s.finished = true;
         if let Some(sid) = s.session {
-            // A completed turn hands its blocks and tokens to the session;
-            // an aborted or failed one leaves the session as it was.
-            let (tokens, lease) = match reason {
-                FinishReason::Stop | FinishReason::Length => {
-                    (Some(s.tokens.clone()), s.lease.take())
-                }
-                _ => (None, None),
-            };
-            self.end_turn(sid, tokens, lease);
+            self.end_turn_of(id, sid, &reason);
         }
         let s = self.seqs.get_mut(&id).expect("finishing a known request");
-        // Blocks a planned step still uses wait in quarantine for its epoch.
-        s.lease = None;
+        // Blocks a planned step still uses wait in quarantine for its epoch
+        // (a turn's lease stays until it is handed over).
+        if s.handover.is_none() {
+            s.lease = None;
+        }
         let usage = Usage {
             prompt_tokens: s.prompt_len,
             cached_tokens: s.cached_tokens.unwrap_or(0),
@@ -812,26 +790,22 @@ impl Scheduler {
         self.forget_if_done(id);
     }
 
-    /// A session's turn is over: it keeps `tokens` and `lease` if given.
-    fn end_turn(&mut self, sid: u64, tokens: Option<Vec<TokenId>>, lease: Option<Lease>) {
-        if let Some(s) = self.sessions.get_mut(&sid) {
-            s.turn = None;
-            s.last_used = std::time::Instant::now();
-            if let Some(t) = tokens {
-                s.tokens = t;
-                s.lease = lease;
-            }
-        }
-        session::lock(&self.registry).end_turn(sid);
-    }
-
-    fn forget_if_done(&mut self, id: u64) {
-        if self
+    /// A finished request whose steps have all come back is forgotten (a
+    /// session turn's lease handed over first).
+    fn forget_if_done(&mut self, id: RequestId) {
+        if !self
             .seqs
             .get(&id)
             .is_some_and(|s| s.finished && s.outstanding == 0)
         {
-            self.seqs.remove(&id);
+            return;
+        }
+        let s = self.seqs.remove(&id).expect("checked above");
+        if let (Some(sid), Some(tokens)) = (s.session, s.handover) {
+            self.hand_over(id, sid, tokens, s.lease);
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,13 +5,16 @@
 //! The registry here is what `submit` checks synchronously (existence, the
 //! model, one turn at a time); the tokens and the lease live with the
 //! scheduler, which moves the lease into a turn's sequence at admission and
-//! back when the turn ends.
+//! back once every step that wrote into it has completed (so a session never
+//! holds a block whose content is not known good: see `Scheduler::hand_over`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use strata_kv::{ChainRoot, Lease, TokenId};
+
+use crate::request::RequestId;
 
 use crate::sync::{Mutex, MutexGuard};
 
@@ -94,6 +97,9 @@ pub(crate) struct Session {
     /// turn's sequence holds it) or after an idle unpin.
     pub(crate) lease: Option<Lease>,
     /// The running turn's request id.
-    pub(crate) turn: Option<u64>,
+    pub(crate) turn: Option<RequestId>,
+    /// A finished turn whose lease comes back once the step still writing
+    /// its wasted row completes; the next turn waits for it.
+    pub(crate) handover: Option<RequestId>,
     pub(crate) last_used: Instant,
 }

@@ -32,6 +32,11 @@ pub(crate) struct TextState {
     stops: Vec<String>,
     /// The longest stop string, in bytes.
     longest: usize,
+    /// After each token: the text's length, and whether all the token's
+    /// bytes are in it (none wait for the rest of a character).
+    ends: Vec<(usize, bool)>,
+    /// Where the stop string that ended the request begins.
+    stopped_at: Option<usize>,
 }
 
 impl TextState {
@@ -46,6 +51,8 @@ impl TextState {
             sent: 0,
             stops,
             longest,
+            ends: Vec::new(),
+            stopped_at: None,
         }
     }
 
@@ -55,6 +62,7 @@ impl TextState {
         let before = self.text.len();
         let piece = self.detok.push(&self.tokenizer, t);
         self.text.push_str(&piece);
+        self.ends.push((self.text.len(), self.detok.is_settled()));
         if self.stops.is_empty() {
             return Delta {
                 text: self.take(self.text.len()),
@@ -74,6 +82,7 @@ impl TextState {
                 .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
                 .min();
             if let Some(at) = hit {
+                self.stopped_at = Some(at);
                 return Delta {
                     text: self.take(at),
                     stopped: true,
@@ -93,6 +102,38 @@ impl TextState {
         let tail = self.detok.finish();
         self.text.push_str(&tail);
         self.take(self.text.len())
+    }
+
+    /// After a stop string: what the conversation continues from, which is
+    /// the text the client saw. That is the generated tokens lying wholly
+    /// before the stop string (`kept` of them), then the rest of the visible
+    /// text, tokenized again as plain text (a stop string may begin inside a
+    /// token). `None` if no stop string ended the request.
+    ///
+    /// ```text
+    ///   tokens:  | He | llo | ⎵wor | ld |        stop string "orl"
+    ///   text:    Hello⎵w|orld                    visible: "Hello⎵w"
+    ///   kept: 2 (He, llo); rest: "⎵w", tokenized again
+    /// ```
+    pub(crate) fn conversation_cut(&self) -> Option<(usize, Vec<TokenId>)> {
+        let at = self.stopped_at?;
+        let (kept, covered) = self
+            .ends
+            .iter()
+            .enumerate()
+            .filter(|&(_, &(end, settled))| end <= at && settled)
+            .map(|(i, &(end, _))| (i + 1, end))
+            .next_back()
+            .unwrap_or((0, 0));
+        // The rest is model output the client saw: plain text, so it can
+        // never become a control token. A tokenizer error cannot happen on
+        // text it decoded; if it did, the conversation continues from the
+        // kept tokens alone.
+        let rest = self
+            .tokenizer
+            .encode(&self.text[covered..at])
+            .unwrap_or_default();
+        Some((kept, rest))
     }
 
     /// Bytes at the end of the text that could begin a stop string.

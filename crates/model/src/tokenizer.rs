@@ -348,6 +348,12 @@ impl Detokenizer {
         }
     }
 
+    /// Whether every byte pushed so far is in the text returned (no
+    /// character is waiting for the rest of its bytes).
+    pub fn is_settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Flushes what is left at the end of the sequence (an incomplete
     /// character becomes U+FFFD).
     pub fn finish(&mut self) -> String {

@@ -123,6 +123,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub sanitize: bool,
 
+    /// With --sanitize, also check every invariant of the KV pool after
+    /// each N-th step (0: never; each check walks the whole pool).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub sanitize_check_every: u64,
+
     /// Log prompt and completion text (never logged otherwise).
     #[arg(long)]
     pub log_text: bool,

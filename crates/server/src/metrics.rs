@@ -183,8 +183,26 @@ impl Collector for EngineCollector {
         )?;
         counter(
             &mut e,
+            "strata:pool_lock_wait_seconds",
+            "Seconds the executor waited for the KV pool's lock (the scheduler plans under it).",
+            c.lock_wait_nanos as f64 / 1e9,
+        )?;
+        counter(
+            &mut e,
+            "strata:block_waits",
+            "Rows that waited a step for blocks the step in flight gives back.",
+            c.waits_for_blocks,
+        )?;
+        counter(
+            &mut e,
+            "strata:sessions_unpinned",
+            "Idle sessions unpinned to make room under block pressure.",
+            c.sessions_unpinned,
+        )?;
+        counter(
+            &mut e,
             "strata:sanitizer_violations",
-            "KV sanitizer violations (each failed its step).",
+            "KV sanitizer violations (each failed its step, or broke an invariant of the pool).",
             s.violations,
         )?;
         Ok(())

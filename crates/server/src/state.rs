@@ -143,7 +143,7 @@ pub(crate) fn unix_now() -> u64 {
 
 /// The installation's hash key, kept in the cache directory (created with
 /// random bytes the first time, readable by the owner only): cached KV is
-/// keyed by it, so it must outlive restarts (the tiers of 5/6) and never
+/// keyed by it, so it must outlive restarts (the tiers of 7/10) and never
 /// leave the machine.
 pub(crate) fn hash_key(dir: &Path) -> Result<HashKey, String> {
     let path = dir.join("hash-key");
@@ -261,6 +261,7 @@ pub(crate) fn load(
                 max_step_tokens: args.max_batch_tokens.max(1),
                 max_running: args.max_running.max(1),
                 sanitize: args.sanitize,
+                check_every: args.sanitize_check_every,
             },
             queue_limit: args.queue_limit,
             model_name: name.clone(),

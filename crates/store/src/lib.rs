@@ -2,7 +2,7 @@
 //!
 //! This crate owns the arena that attention reads ([`Arena`]: f16,
 //! block-major, so one block is one contiguous range a tier can copy in one
-//! go) and, with issue 5/6, the host-RAM tier, the SSD tier and the
+//! go) and, with issue 7/10, the host-RAM tier, the SSD tier and the
 //! execution of the transfer plans that `strata-kv` makes.
 //!
 //! It may depend on `strata-kv` only among Strata's crates, and re-exports

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use strata_engine::Runner;
+use strata_engine::{RequestId, Runner};
 use strata_kv::{BlockId, TokenId};
 use strata_model::SeqInput;
 
@@ -26,8 +26,35 @@ pub(crate) fn next_token(history: &[TokenId]) -> TokenId {
     TokenId::new(((h >> 29) % VOCAB as u64) as u32)
 }
 
+/// Token ids of the tiny model's vocabulary that are text: its twelve
+/// merges (" t", "he", " the", ...), then single letters. `FakeRunner::words`
+/// maps the fake rule's outputs onto them, so its text has multi-character
+/// tokens (for stop strings).
+pub(crate) fn words() -> Vec<TokenId> {
+    let merges = 259..271u32;
+    let letters = (b'a'..=b'z').chain(b'A'..=b'Z').map(|b| 3 + b as u32);
+    merges
+        .chain(letters)
+        .take(VOCAB)
+        .map(TokenId::new)
+        .collect()
+}
+
+/// The fake rule's next token, mapped onto [`words`].
+pub(crate) fn next_word(history: &[TokenId]) -> TokenId {
+    words()[next_token(history).get() as usize]
+}
+
+/// A failed forward call: the requests in it, each with its row's first
+/// position.
+pub(crate) type FailedCall = Vec<(RequestId, usize)>;
+
 pub(crate) struct FakeRunner {
     bs: usize,
+    /// Sampled tokens are mapped through this (see [`words`]).
+    map: Option<Vec<TokenId>>,
+    /// Logits per row.
+    vocab: usize,
     slots: Vec<u32>,
     rng: ChaCha8Rng,
     /// Probability that a step fails.
@@ -35,17 +62,35 @@ pub(crate) struct FakeRunner {
     /// Up to this many spin-loop rounds of delay per step.
     pub(crate) max_delay: u32,
     pub(crate) failures: Arc<AtomicU64>,
+    /// Every failed forward call.
+    pub(crate) failed_calls: Arc<std::sync::Mutex<Vec<FailedCall>>>,
+    /// The requests of the next forward call.
+    rows: Vec<RequestId>,
 }
 
 impl FakeRunner {
     pub(crate) fn new(blocks: usize, bs: usize, seed: u64) -> Self {
         Self {
             bs,
+            map: None,
+            vocab: VOCAB,
             slots: vec![POISON; blocks * bs],
             rng: ChaCha8Rng::seed_from_u64(seed),
             fail_rate: 0.0,
             max_delay: 0,
             failures: Arc::new(AtomicU64::new(0)),
+            failed_calls: Arc::default(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Samples the tiny model's text tokens ([`next_word`]) over its
+    /// whole vocabulary, for engines with its tokenizer.
+    pub(crate) fn with_words(blocks: usize, bs: usize, seed: u64) -> Self {
+        Self {
+            map: Some(words()),
+            vocab: strata_testkit::tiny_model::vocab().len(),
+            ..Self::new(blocks, bs, seed)
         }
     }
 
@@ -67,6 +112,13 @@ impl Runner for FakeRunner {
         }
         if self.fail_rate > 0.0 && self.rng.random_bool(self.fail_rate) {
             self.failures.fetch_add(1, Ordering::Relaxed);
+            let call = self
+                .rows
+                .iter()
+                .zip(batch)
+                .map(|(&id, s)| (id, s.start))
+                .collect();
+            self.failed_calls.lock().unwrap().push(call);
             return Err("injected failure".into());
         }
         let mut out = Vec::new();
@@ -80,8 +132,10 @@ impl Runner for FakeRunner {
                 let history: Vec<TokenId> = (0..end)
                     .map(|p| TokenId::new(self.slots[self.slot(s.block_table, p)]))
                     .collect();
-                let mut l = vec![0f32; VOCAB];
-                l[next_token(&history).get() as usize] = 1.0;
+                let next = next_token(&history);
+                let next = self.map.as_ref().map_or(next, |m| m[next.get() as usize]);
+                let mut l = vec![0f32; self.vocab];
+                l[next.get() as usize] = 1.0;
                 out.push(l);
             }
         }
@@ -92,27 +146,53 @@ impl Runner for FakeRunner {
         let b = block.index() * self.bs;
         self.slots[b..b + self.bs].fill(POISON);
     }
+
+    fn rows(&mut self, requests: &[RequestId]) {
+        self.rows = requests.to_vec();
+    }
+}
+
+/// What a held step does once the test lets it go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Runs as usual.
+    Run,
+    /// Fails (the model returns an error).
+    Fail,
+    /// Runs, but returns one logits row fewer than asked for.
+    FewerLogits,
 }
 
 /// Holds each step at the executor until the test lets it run: the test
-/// chooses the interleaving of planning, completion and release.
+/// chooses the interleaving of planning, completion and release, and which
+/// step fails.
 pub(crate) struct Gated<R> {
     pub(crate) inner: R,
     pub(crate) entered: std::sync::mpsc::Sender<usize>,
-    pub(crate) go: std::sync::mpsc::Receiver<()>,
+    pub(crate) go: std::sync::mpsc::Receiver<Gate>,
 }
 
 impl<R: Runner> Runner for Gated<R> {
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
         let _ = self.entered.send(batch.len());
-        if self.go.recv().is_err() {
-            return Err("the test ended".into());
+        match self.go.recv() {
+            Err(_) => Err("the test ended".into()),
+            Ok(Gate::Run) => self.inner.forward(batch),
+            Ok(Gate::Fail) => Err("injected failure".into()),
+            Ok(Gate::FewerLogits) => {
+                let mut out = self.inner.forward(batch)?;
+                out.pop();
+                Ok(out)
+            }
         }
-        self.inner.forward(batch)
     }
 
     fn poison(&mut self, block: BlockId) {
         self.inner.poison(block);
+    }
+
+    fn rows(&mut self, requests: &[RequestId]) {
+        self.inner.rows(requests);
     }
 }
 
@@ -135,6 +215,7 @@ pub(crate) fn config(
             max_step_tokens: step_tokens,
             max_running,
             sanitize: true,
+            check_every: 1,
         },
         queue_limit: 1 << 20,
         model_name: "fake".into(),

@@ -70,6 +70,7 @@ pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
                 max_step_tokens: s.step_tokens,
                 max_running: s.max_running,
                 sanitize: true,
+                check_every: 1,
             },
             queue_limit: 1024,
             model_name: format!("tiny-{}", s.name),

@@ -2,8 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod failed_steps;
 mod fake;
 mod fixture;
+mod held;
+mod prefix_sharing;
 mod regressions;
 mod requests;
 mod sessions;

@@ -5,99 +5,14 @@
 //! and_after_destruction` and `one_turn_at_a_time_and_destroying_a_session_
 //! mid_turn_is_safe`.
 
-use std::sync::mpsc;
-
-use strata_engine::{Engine, Event, FinishReason, Request, RequestHandle, StopConditions};
+use strata_engine::{FinishReason, Request, StopConditions};
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
 
-use crate::fake::{self, FakeRunner, Gated, VOCAB, next_token};
-use crate::fixture::assert_whole;
+use crate::fake::{VOCAB, next_token};
+use crate::held::Harness;
 
-// Field order matters on a failed test: `go` drops first, so a held step
-// fails instead of blocking the engine's shutdown.
-struct Harness {
-    go: mpsc::Sender<()>,
-    entered: mpsc::Receiver<usize>,
-    engine: Engine,
-}
-
-impl Harness {
-    fn new(blocks: usize, bs: usize) -> Self {
-        let (entered_tx, entered) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel();
-        let engine = Engine::start(
-            Gated {
-                inner: FakeRunner::new(blocks, bs, 1),
-                entered: entered_tx,
-                go: go_rx,
-            },
-            fake::config(blocks, bs, 64, 8),
-        )
-        .unwrap();
-        Self {
-            go,
-            entered,
-            engine,
-        }
-    }
-
-    /// Waits for the next step to reach the executor; it stays held.
-    fn held(&self) -> usize {
-        self.entered.recv().unwrap()
-    }
-
-    /// Lets the held step run, and waits until the scheduler has applied
-    /// its result (so the test sees every event it caused).
-    fn release(&self) {
-        // Read before the step can run: results only grow.
-        let target = self.engine.stats().counters.results + 1;
-        self.go.send(()).unwrap();
-        // Polls a condition (not a timing): light, so the engine's threads
-        // get the locks it reads.
-        while self.engine.stats().counters.results < target {
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-    }
-
-    /// Runs steps until `h` has its Finished event; returns its tokens.
-    fn run_until_done(&self, h: &mut RequestHandle) -> (Vec<TokenId>, FinishReason) {
-        let mut got = Vec::new();
-        loop {
-            while let Ok(e) = h.try_recv() {
-                match e {
-                    Event::Token { id, .. } => got.push(id),
-                    Event::Finished { reason, .. } => return (got, reason),
-                    Event::Admitted { .. } => {}
-                }
-            }
-            self.held();
-            self.release();
-        }
-    }
-
-    fn finish(self) {
-        // Let every remaining step run, then check the pool.
-        let Harness {
-            engine,
-            entered,
-            go,
-            ..
-        } = self;
-        let drain = std::thread::spawn(move || {
-            while entered.recv().is_ok() {
-                if go.send(()).is_err() {
-                    break;
-                }
-            }
-        });
-        assert_whole(&engine);
-        drop(engine);
-        drain.join().unwrap();
-    }
-}
-
-fn request(prompt: Vec<TokenId>, max_tokens: usize) -> Request {
+pub(crate) fn request(prompt: Vec<TokenId>, max_tokens: usize) -> Request {
     Request {
         prompt,
         sampling: SamplingParams::greedy(),
@@ -115,7 +30,7 @@ fn request(prompt: Vec<TokenId>, max_tokens: usize) -> Request {
 /// unlike `max_tokens`, the engine cannot know in advance, so the step
 /// planned while its last token is sampled still carries its (wasted) row.
 /// Returns the request and the tokens it must produce (about `n`).
-fn stopping(prompt: &[TokenId], n: usize) -> (Request, Vec<TokenId>) {
+pub(crate) fn stopping(prompt: &[TokenId], n: usize) -> (Request, Vec<TokenId>) {
     let exp = expected(prompt, n + 4);
     let stop = exp[n - 1];
     let first = exp.iter().position(|t| *t == stop).unwrap_or(n - 1);
@@ -124,13 +39,13 @@ fn stopping(prompt: &[TokenId], n: usize) -> (Request, Vec<TokenId>) {
     (r, exp[..=first].to_vec())
 }
 
-fn tokens(seed: u32, n: usize) -> Vec<TokenId> {
+pub(crate) fn tokens(seed: u32, n: usize) -> Vec<TokenId> {
     (0..n as u32)
         .map(|i| TokenId::new(3 + (i * 7 + seed * 13) % (VOCAB as u32 - 3)))
         .collect()
 }
 
-fn expected(prompt: &[TokenId], n: usize) -> Vec<TokenId> {
+pub(crate) fn expected(prompt: &[TokenId], n: usize) -> Vec<TokenId> {
     let mut h = prompt.to_vec();
     let mut out = Vec::new();
     for _ in 0..n {

@@ -158,3 +158,109 @@ fn idle_sessions_give_up_their_pins_under_pressure_and_still_continue() {
     e.destroy_session(&s).unwrap();
     assert_whole(&e);
 }
+
+/// A stop string for `tokens`' text that begins inside a token's text (one
+/// character in) and occurs nowhere earlier; with its byte offset.
+fn stop_inside_a_token(
+    tok: &strata_model::Tokenizer,
+    tokens: &[TokenId],
+) -> Option<(String, usize)> {
+    let full = tok.decode(tokens, false);
+    for i in 2..tokens.len().saturating_sub(2) {
+        let before = tok.decode(&tokens[..i], false);
+        let piece = tok.decode(&tokens[i..=i], false);
+        let mut chars = piece.char_indices();
+        let (Some(_), Some((second, _))) = (chars.next(), chars.next()) else {
+            continue;
+        };
+        let at = before.len() + second;
+        let end = full[at..]
+            .char_indices()
+            .nth(3)
+            .map_or(full.len(), |(k, _)| at + k);
+        let stop = &full[at..end];
+        if stop.trim().len() >= 2 && full.find(stop) == Some(at) {
+            return Some((stop.to_string(), at));
+        }
+    }
+    None
+}
+
+/// A turn that ends at a stop string: the client sees the text before it,
+/// and the conversation continues from exactly that text (as a client
+/// resending the conversation would). The session keeps the generated
+/// tokens that lie wholly before the stop string, then the rest of the
+/// visible text tokenized again (a stop string may begin inside a token);
+/// the stop string's tokens, and their KV, are dropped.
+#[test]
+fn a_stop_string_turn_continues_from_the_text_the_client_saw() {
+    use crate::fake::{FakeRunner, next_word};
+    let tok = crate::fixture::tokenizer();
+    let mut config = crate::fake::config(64, 4, 64, 8);
+    config.vocab = strata_testkit::tiny_model::vocab().len();
+    config.tokenizer = Some(tok.clone());
+    let e = strata_engine::Engine::start(FakeRunner::with_words(64, 4, 1), config).unwrap();
+    let rule = |history: &[TokenId], n: usize| {
+        let mut h = history.to_vec();
+        for _ in 0..n {
+            let t = next_word(&h);
+            h.push(t);
+        }
+        h[history.len()..].to_vec()
+    };
+    let (turn1, free_run, (stop, at)) = (1..200)
+        .find_map(|seed| {
+            let p = prompt(0, 9, seed);
+            let run = rule(&p, 24);
+            stop_inside_a_token(&tok, &run).map(|x| (p, run, x))
+        })
+        .expect("some prompt's answer has a stop string inside a token");
+    let s = e.create_session(None).unwrap();
+    let mut r = greedy(turn1.clone(), 24);
+    r.stop.stop_strings = vec![stop.clone()];
+    r.session = Some(s.clone());
+    let events = e.submit(r).unwrap().collect_blocking();
+    let visible: String = events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::Token { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    let full = tok.decode(&free_run, false);
+    assert_eq!(
+        visible,
+        full[..at],
+        "the client sees the text before {stop:?}"
+    );
+    assert_eq!(outcome(events).reason, FinishReason::Stop);
+    // What the conversation continues from.
+    let kept = (0..=free_run.len())
+        .take_while(|&k| {
+            let t = tok.decode(&free_run[..k], false);
+            t.len() <= at && visible.starts_with(&t)
+        })
+        .last()
+        .unwrap();
+    let covered = tok.decode(&free_run[..kept], false).len();
+    let mut reply = free_run[..kept].to_vec();
+    reply.extend(tok.encode(&visible[covered..]).unwrap());
+    assert_eq!(tok.decode(&reply, false), visible);
+    assert!(covered < at, "the stop string begins inside a token");
+    let info = e.sessions();
+    assert_eq!(
+        info[0].tokens,
+        turn1.len() + reply.len(),
+        "the session holds other tokens than the visible reply's"
+    );
+    let turn2 = prompt(0, 4, 77);
+    let mut r = greedy(turn2.clone(), 5);
+    r.session = Some(s.clone());
+    let out2 = outcome(e.submit(r).unwrap().collect_blocking());
+    let mut whole = turn1.clone();
+    whole.extend_from_slice(&reply);
+    whole.extend_from_slice(&turn2);
+    assert_eq!(out2.tokens, rule(&whole, 5));
+    e.destroy_session(&s).unwrap();
+    assert_whole(&e);
+}

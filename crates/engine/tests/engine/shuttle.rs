@@ -167,6 +167,61 @@ fn scenario_session_destroyed_during_its_turn() {
     assert_whole(&e);
 }
 
+/// A session's turn ends at a stop token, so the step planned meanwhile
+/// still writes its wasted row into the turn's blocks; the client sends the
+/// next turn at once, racing that step and another client's request. The
+/// next turn waits for the hand-over and continues from exactly the
+/// conversation.
+fn scenario_next_turn_races_the_hand_over() {
+    let e = engine();
+    let s = e.create_session(None).unwrap();
+    let other = {
+        let e = e.clone();
+        thread::spawn(move || {
+            let prompt = tokens(7, 6);
+            let mut h = e.submit(greedy(prompt.clone(), 3)).unwrap();
+            let events = drain(&mut h, None);
+            assert_eq!(check(&prompt, &events), Some(FinishReason::Length));
+        })
+    };
+    let p1 = tokens(30, 5);
+    let mut h1 = p1.clone();
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        let t = next_token(&h1);
+        expected.push(t);
+        h1.push(t);
+    }
+    // Stop at the second generated token: its row comes after.
+    let mut r1: Request = greedy(p1.clone(), 6);
+    r1.stop.stop_token_ids = vec![expected[1]];
+    r1.session = Some(s.clone());
+    let mut h = e.submit(r1).unwrap();
+    let events = drain(&mut h, None);
+    let mut history = p1.clone();
+    assert_eq!(check(&history, &events), Some(FinishReason::Stop));
+    history.extend(events.iter().filter_map(|e| match e {
+        Event::Token { id, .. } => Some(*id),
+        _ => None,
+    }));
+    let p2 = tokens(31, 3);
+    let mut r2: Request = greedy(p2.clone(), 2);
+    r2.session = Some(s.clone());
+    let mut h = e.submit(r2).unwrap();
+    let events = drain(&mut h, None);
+    history.extend_from_slice(&p2);
+    assert_eq!(check(&history, &events), Some(FinishReason::Length));
+    other.join().unwrap();
+    e.destroy_session(&s).unwrap();
+    assert_whole(&e);
+}
+
+#[test]
+fn shuttle_next_turn_races_the_hand_over() {
+    shuttle::check_random(scenario_next_turn_races_the_hand_over, ITERATIONS);
+    shuttle::check_pct(scenario_next_turn_races_the_hand_over, ITERATIONS, 3);
+}
+
 #[test]
 fn shuttle_completion_races_release() {
     shuttle::check_random(scenario_completion_races_release, ITERATIONS);

@@ -1,16 +1,22 @@
 //! The stress run: random arrivals with shared prefixes and salts, random
 //! disconnects, preemption in a small pool, a fault-injecting fake model
-//! (failed steps, random delays), the sanitizer on. Every output is checked
-//! token by token against the fake model's rule, and the run ends with zero
-//! violations and a whole pool.
+//! (failed steps, random delays), the sanitizer on (every invariant of the
+//! pool checked after every step). Every output is checked token by token
+//! against the fake model's rule; every request ends exactly as its script
+//! and the injected failures imply (a request fails if and only if it had a
+//! row in a failed step, other than the wasted row after its stop token);
+//! preemption gives up no more than the blocks rows were short of; and the
+//! run ends with zero violations and a whole pool.
 //!
 //! Quick by default (at least 10,000 steps); `STRATA_STRESS_STEPS=1000000`
 //! for the long run.
 
+use std::collections::HashMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_engine::{
-    Engine, Event, FinishReason, Request, RequestHandle, SessionId, StopConditions,
+    Engine, Event, FinishReason, Request, RequestHandle, RequestId, SessionId, StopConditions,
 };
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
@@ -31,8 +37,12 @@ struct Live {
     max_tokens: usize,
 }
 
-/// Checks one finished request against the fake model's rule.
-fn verify(l: &Live, reason: &FinishReason) {
+/// Rows of failed steps, by request: each row's first position.
+type FailedRows = HashMap<RequestId, Vec<usize>>;
+
+/// Checks one finished request against the fake model's rule, and its
+/// outcome against the failed steps it had rows in.
+fn verify(l: &Live, reason: &FinishReason, failed: &FailedRows) {
     let mut history = l.prompt.clone();
     for (i, t) in l.got.iter().enumerate() {
         assert_eq!(
@@ -43,12 +53,39 @@ fn verify(l: &Live, reason: &FinishReason) {
         );
         history.push(*t);
     }
+    let id = l.handle.id();
+    let rows = failed.get(&id).map_or(&[][..], Vec::as_slice);
     match reason {
         FinishReason::Stop => assert_eq!(l.got.last(), Some(&TokenId::new(2))),
         FinishReason::Length => assert_eq!(l.got.len(), l.max_tokens),
-        FinishReason::Error(e) => assert!(e.contains("failed") || e.contains("context"), "{e}"),
+        FinishReason::Error(e) => assert!(
+            !rows.is_empty(),
+            "{id} failed ({e}) without a row in a failed step"
+        ),
         FinishReason::Abort => assert!(l.session.is_some(), "aborted without a disconnect"),
     }
+    if matches!(reason, FinishReason::Stop | FinishReason::Length) {
+        // Only the row after the stop token (its KV, planned before the
+        // stop was known) may have been in a failed step.
+        for &start in rows {
+            assert!(
+                *reason == FinishReason::Stop && start + 1 == history.len(),
+                "{id} ended {reason:?} though its row at {start} (of {} tokens) failed",
+                history.len()
+            );
+        }
+    }
+}
+
+/// The failed steps' rows so far.
+fn failed_rows(calls: &std::sync::Mutex<Vec<crate::fake::FailedCall>>) -> FailedRows {
+    let mut out = FailedRows::new();
+    for call in calls.lock().unwrap().iter() {
+        for &(id, start) in call {
+            out.entry(id).or_default().push(start);
+        }
+    }
+    out
 }
 
 /// A session as the test sees it.
@@ -69,6 +106,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
     runner.fail_rate = 0.002;
     runner.max_delay = 2_000;
     let failures = runner.failures.clone();
+    let calls = runner.failed_calls.clone();
     let engine = Engine::start(runner, fake::config(blocks, bs, 24, 10)).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let prefixes: Vec<Vec<TokenId>> = (0..4)
@@ -168,7 +206,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 }
             }
             if let Some(reason) = done {
-                verify(l, &reason);
+                verify(l, &reason, &failed_rows(&calls));
                 end_turn(&mut sessions, l, &reason);
                 errors += matches!(reason, FinishReason::Error(_)) as u64;
                 finished += 1;
@@ -211,7 +249,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 match e {
                     Event::Token { id, .. } => l.got.push(id),
                     Event::Finished { reason, .. } => {
-                        verify(l, &reason);
+                        verify(l, &reason, &failed_rows(&calls));
                         end_turn(&mut sessions, l, &reason);
                         errors += matches!(reason, FinishReason::Error(_)) as u64;
                         finished += 1;
@@ -229,17 +267,48 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
     assert!(engine.sessions().is_empty());
     assert_whole(&engine);
     let c = engine.stats().counters;
+    let pool = engine.stats().pool;
     eprintln!(
-        "stress: {} steps ({} overlapped), {finished} finished, {disconnected} disconnected, \
-         {errors} failed by {} injected step failures, {} preemptions, {} waits for pending blocks, \
+        "stress: {} steps ({} overlapped), {} requests: {finished} finished, {disconnected} disconnected, \
+         {errors} failed by {} injected step failures; {} preemptions ({:.1} per 1,000 steps), \
+         {} sessions unpinned, {} rows waited a step for blocks, {} waits for pending blocks; \
+         hit rate {:.1}% of prompt tokens at admission ({:.1}% of looked-up tokens); \
          {turns} session turns, {destroyed} sessions destroyed",
         c.steps,
         c.overlapped_steps,
+        finished + disconnected,
         failures.load(std::sync::atomic::Ordering::Relaxed),
         c.preemptions,
-        c.waits_for_pending
+        c.preemptions as f64 * 1000.0 / c.steps as f64,
+        c.sessions_unpinned,
+        c.waits_for_blocks,
+        c.waits_for_pending,
+        100.0 * c.cached_tokens as f64 / c.prompt_tokens.max(1) as f64,
+        100.0 * pool.hit_tokens as f64 / pool.query_tokens.max(1) as f64,
     );
     assert!(c.preemptions > 0, "{c:?}");
+    // No cascade: every session unpinned and request preempted covered at
+    // least one block a row or admission was short of (beyond the free
+    // blocks and those the step in flight gives back).
+    assert!(
+        c.preemptions + c.sessions_unpinned <= c.blocks_short,
+        "gave up more than was needed: {c:?}"
+    );
+    // The rate that follows for this workload: a preemption happens only
+    // when a decode row crosses into a new block with none free or coming
+    // back, and then gives up exactly one victim (a decode row is short of
+    // one block, and every victim holds at least one block of its own). A
+    // request crosses a block boundary at most once per 4 of its decode
+    // rows and at most 10 run at once, so at most 10 / 4 crossings happen
+    // per step: 2,500 preemptions per 1,000 steps is the ceiling the policy
+    // allows here (the no-cascade check above is the sharp one). Measured:
+    // about 28 per 1,000 steps, 63 before the fix.
+    assert!(
+        c.preemptions * 4 <= c.steps * 10,
+        "{} preemptions in {} steps",
+        c.preemptions,
+        c.steps
+    );
     assert!(disconnected > 0 && finished > 0 && turns > 0 && destroyed > 0);
     assert!(
         c.overlapped_steps * 2 > c.steps,

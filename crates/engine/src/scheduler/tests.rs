@@ -1,0 +1,383 @@
+//! The scheduler's policies, step by step and without threads: a simulated
+//! executor runs the planned steps when the test says, so each test decides
+//! exactly which step is in flight while the next one is planned (the
+//! overlap), and counts what the scheduler did.
+
+use std::collections::{HashMap, VecDeque};
+
+use strata_kv::{BlockHasher, KvCache, PoolConfig, TokenId};
+use strata_model::{Sampled, SamplingParams};
+use tokio::sync::mpsc;
+
+use super::Scheduler;
+use crate::executor::{FailedRow, Step, StepResult};
+use crate::request::{Event, FinishReason, Request, RequestId, StopConditions};
+use crate::sanitizer::Sanitizer;
+use crate::session::SharedRegistry;
+use crate::{EngineConfig, SchedulerConfig};
+
+/// The token "sampled" after `n` tokens: any fixed rule will do here.
+fn rule(n: usize) -> TokenId {
+    TokenId::new(3 + (n as u32 * 7) % 50)
+}
+
+pub(super) struct Sim {
+    pub(super) sched: Scheduler,
+    pub(super) cache: KvCache,
+    in_flight: VecDeque<Step>,
+    /// The token each sequence's latest step sampled, as the executor keeps.
+    last: HashMap<RequestId, TokenId>,
+    events: HashMap<RequestId, mpsc::UnboundedReceiver<Event>>,
+    next_id: u64,
+}
+
+pub(super) fn config(blocks: usize, bs: usize) -> EngineConfig {
+    EngineConfig {
+        num_blocks: blocks,
+        block_size: bs,
+        context: 4096,
+        vocab: 64,
+        eos: vec![TokenId::new(2)],
+        model_fingerprint: b"sim".to_vec(),
+        hash_key: strata_kv::HashKey::from_bytes([9; 32]),
+        scheduler: SchedulerConfig {
+            max_step_tokens: 64,
+            max_running: 16,
+            sanitize: true,
+            check_every: 1,
+        },
+        queue_limit: 1024,
+        model_name: "sim".into(),
+        session_ttl: std::time::Duration::from_secs(3600),
+        tokenizer: None,
+    }
+}
+
+impl Sim {
+    pub(super) fn new(blocks: usize, bs: usize) -> Self {
+        let config = config(blocks, bs);
+        let cache = KvCache::new(
+            PoolConfig {
+                num_blocks: blocks as u32,
+                block_size: bs as u32,
+            },
+            BlockHasher::new(&config.hash_key, bs),
+        )
+        .expect("a valid pool");
+        let context = (blocks - 1) * bs;
+        let sched = Scheduler::new(
+            cache.clone(),
+            &config,
+            context,
+            SharedRegistry::default(),
+            std::sync::Arc::new(Sanitizer::new(1)),
+        );
+        Self {
+            sched,
+            cache,
+            in_flight: VecDeque::new(),
+            last: HashMap::new(),
+            events: HashMap::new(),
+            next_id: 1,
+        }
+    }
+
+    pub(super) fn submit(&mut self, prompt: usize, seed: u32, max_tokens: usize) -> RequestId {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        let req = Request {
+            prompt: (0..prompt as u32)
+                .map(|i| TokenId::new(3 + (i * 11 + seed * 5) % 60))
+                .collect(),
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                max_tokens: Some(max_tokens),
+                ignore_eos: true,
+                ..StopConditions::default()
+            },
+            cache_salt: None,
+            session: None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sched.add(id, req, tx);
+        self.events.insert(id, rx);
+        id
+    }
+
+    /// Plans one step (overlapped if another is in flight); false if there
+    /// was nothing to plan.
+    pub(super) fn plan(&mut self) -> bool {
+        let overlapped = !self.in_flight.is_empty();
+        let before: Vec<u32> = {
+            let g = self.cache.lock();
+            (0..g.config().num_blocks)
+                .map(|b| g.generation(strata_kv::BlockId::new(b)).get())
+                .collect()
+        };
+        let Some(step) = self
+            .sched
+            .plan(overlapped)
+            .expect("the KV core accepts the plan")
+        else {
+            return false;
+        };
+        let g = self.cache.lock();
+        // The sanitizer's records: every block the step allocated is to be
+        // poisoned first, and every row names each block of its table it
+        // touches, at its current generation, writing from the block its
+        // first new token goes into.
+        let mut fresh: Vec<strata_kv::BlockId> = (0..g.config().num_blocks)
+            .map(strata_kv::BlockId::new)
+            .filter(|&b| g.generation(b).get() != before[b.index()])
+            .collect();
+        let mut poisoned = step.poison.clone();
+        fresh.sort();
+        poisoned.sort();
+        assert_eq!(
+            poisoned, fresh,
+            "the step does not poison what it allocated"
+        );
+        let bs = g.config().block_size as usize;
+        for row in &step.seqs {
+            let n = row.known.len().max(1);
+            let touched = (row.start + n).div_ceil(bs);
+            let want: Vec<_> = row.table[..touched]
+                .iter()
+                .enumerate()
+                .map(|(j, &b)| {
+                    let access = if j >= row.start / bs {
+                        strata_kv::Access::Write
+                    } else {
+                        strata_kv::Access::Read
+                    };
+                    (b, g.generation(b), access)
+                })
+                .collect();
+            assert_eq!(
+                row.accesses, want,
+                "row {:?} records the wrong accesses",
+                row.seq
+            );
+        }
+        drop(g);
+        self.in_flight.push_back(step);
+        true
+    }
+
+    /// Runs the oldest step in flight as the executor would: resolves its
+    /// pending inputs, "samples", completes its epoch, hands the result
+    /// back.
+    pub(super) fn run_oldest(&mut self) {
+        let step = self.in_flight.pop_front().expect("a step in flight");
+        let mut samples = Vec::new();
+        let mut failed = Vec::new();
+        for row in &step.seqs {
+            if let Some(slot) = row.pending {
+                match self.last.get(&row.seq) {
+                    Some(&t) => self.cache.lock().resolve(slot, t).expect("a live slot"),
+                    None => {
+                        failed.push(FailedRow {
+                            seq: row.seq,
+                            error: "no previous sample".to_string(),
+                            sampling: row.sample,
+                        });
+                        continue;
+                    }
+                }
+            }
+            let n = row.start + row.known.len().max(1);
+            if row.sample {
+                let token = rule(n);
+                self.last.insert(row.seq, token);
+                samples.push((
+                    row.seq,
+                    Sampled {
+                        token,
+                        logprob: 0.0,
+                        top: Vec::new(),
+                    },
+                ));
+            }
+        }
+        self.cache.lock().complete(step.epoch).expect("in order");
+        self.sched.on_result(StepResult {
+            epoch: step.epoch,
+            samples,
+            failed,
+            nanos: 0,
+            lock_wait_nanos: 0,
+        });
+    }
+
+    /// Runs every step in flight and plans until nothing is left.
+    pub(super) fn run_to_end(&mut self) {
+        loop {
+            while self.in_flight.len() < 2 && self.plan() {}
+            if self.in_flight.is_empty() {
+                break;
+            }
+            self.run_oldest();
+        }
+    }
+
+    /// The events a request has produced so far.
+    pub(super) fn events(&mut self, id: RequestId) -> Vec<Event> {
+        let rx = self.events.get_mut(&id).expect("a submitted request");
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    pub(super) fn preemptions(&self) -> u64 {
+        self.sched.counters().preemptions
+    }
+
+    pub(super) fn free_blocks(&self) -> usize {
+        self.cache.lock().free_blocks()
+    }
+
+    pub(super) fn finished_with(&mut self, id: RequestId) -> Option<FinishReason> {
+        self.events(id).into_iter().find_map(|e| match e {
+            Event::Finished { reason, .. } => Some(reason),
+            _ => None,
+        })
+    }
+}
+
+/// Three requests decode in every step. When the oldest needs a block and
+/// none is free, the step in flight holds every other request's blocks: a
+/// victim's blocks go to quarantine, not to the free queue, so preempting
+/// one more does not help this step. One victim's blocks suffice once the
+/// step in flight completes; the oldest waits one step for them. Before the
+/// fix, each preemption freed nothing at once and the loop preempted every
+/// running request, the oldest last.
+#[test]
+fn preemption_takes_one_victim_and_waits_for_the_step_in_flight() {
+    // 8 blocks of 4. Admission keeps a block of headroom per running
+    // request, so the three prompts (7, 8, 8 tokens: 2 blocks each) leave 2
+    // free; the two 8-token prompts take them at their first decode, and
+    // the 7-token one needs its third block one step later, with none free.
+    let mut sim = Sim::new(8, 4);
+    let a = sim.submit(7, 1, 10);
+    let b = sim.submit(8, 2, 10);
+    let c = sim.submit(8, 3, 10);
+    assert!(sim.plan()); // step 1: the three prefills
+    assert!(sim.plan()); // step 2: b and c take the last free blocks
+    assert_eq!(sim.free_blocks(), 0);
+    sim.run_oldest(); // step 1 completes; step 2 stays in flight
+    assert!(sim.plan()); // step 3: a needs a block
+    assert_eq!(
+        sim.preemptions(),
+        1,
+        "one victim's blocks are enough once the step in flight completes"
+    );
+    sim.run_to_end();
+    for id in [a, b, c] {
+        assert_eq!(
+            sim.finished_with(id),
+            Some(FinishReason::Length),
+            "request {id:?}"
+        );
+    }
+    assert!(
+        sim.preemptions() <= 2,
+        "preempted {} times in all",
+        sim.preemptions()
+    );
+    let pool = sim.cache.lock();
+    pool.check_invariants().expect("invariants");
+    assert!(pool.is_whole(), "{:?}", pool.stats());
+}
+
+impl Sim {
+    /// A session turn of `prompt` tokens for session `sid` (created if new).
+    pub(super) fn submit_turn(
+        &mut self,
+        sid: u64,
+        prompt: usize,
+        seed: u32,
+        max_tokens: usize,
+    ) -> RequestId {
+        if !self.sched.sessions.contains_key(&sid) {
+            self.sched.create_session(sid, None);
+        }
+        let id = self.submit(prompt, seed, max_tokens);
+        // Re-queue it as the session's turn (the engine's submit does this in one go).
+        let s = self.sched.seqs.remove(&id).expect("just added");
+        self.sched.waiting.retain(|&w| w != id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.events.insert(id, rx);
+        let req = Request {
+            prompt: s.tokens,
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                max_tokens: Some(max_tokens),
+                ignore_eos: true,
+                ..StopConditions::default()
+            },
+            cache_salt: None,
+            session: Some(crate::SessionId {
+                model: 0,
+                model_name: "sim".into(),
+                id: sid,
+            }),
+        };
+        self.sched.add(id, req, tx);
+        id
+    }
+
+    pub(super) fn pinned(&self, sid: u64) -> bool {
+        self.sched
+            .session_infos()
+            .iter()
+            .find(|s| s.id == sid)
+            .expect("a live session")
+            .pinned
+    }
+}
+
+/// Under block pressure, idle sessions give up their pins, least recently
+/// used first, but only those whose pins give blocks back: the oldest
+/// session's blocks are shared with a running request (it hit the
+/// session's cached prefix), so unpinning it frees nothing. Only as many
+/// sessions as the admission needs are unpinned.
+#[test]
+fn pressure_unpins_only_the_sessions_that_free_what_is_needed() {
+    let mut sim = Sim::new(10, 4);
+    for sid in [1, 2, 3] {
+        let t = sim.submit_turn(sid, 8, sid as u32, 1);
+        sim.run_to_end();
+        assert_eq!(sim.finished_with(t), Some(FinishReason::Length));
+        assert!(sim.pinned(sid));
+    }
+    // A running request shares session 1's two blocks.
+    let r = sim.submit(11, 1, 30);
+    assert!(sim.plan());
+    sim.run_oldest();
+    assert!(sim.plan());
+    assert_eq!(sim.events(r).len(), 2, "admitted and decoding");
+    // 3 blocks free; a 12-token prompt needs 3 plus a block of headroom for
+    // the running request: one session's pins must go.
+    assert_eq!(sim.free_blocks(), 3);
+    let n = sim.submit(12, 9, 2);
+    sim.run_oldest();
+    assert!(sim.plan());
+    assert!(
+        sim.events(n)
+            .iter()
+            .any(|e| matches!(e, Event::Admitted { .. })),
+        "admitted"
+    );
+    assert!(
+        sim.pinned(1),
+        "unpinning session 1 frees nothing: its blocks are shared"
+    );
+    assert!(
+        !sim.pinned(2),
+        "session 2 is the least recently used that helps"
+    );
+    assert!(sim.pinned(3), "one session's blocks were enough");
+    sim.run_to_end();
+}
