@@ -1,36 +1,81 @@
 #!/usr/bin/env bash
-# Shows that the kv tests bite: plants known bugs in crates/kv, one at a
-# time, runs the kv test suite against each, and reports which tests caught
-# it. Restores the source afterwards (even on Ctrl-C). Run from anywhere:
-#   bash scripts/plant-bugs.sh
+# Shows that the tests bite: plants known bugs in crates/kv and
+# crates/engine, one at a time, runs that crate's tests (its unit tests and
+# its one integration binary) against each, and reports which tests caught
+# it. Every plant must be caught. Restores the sources afterwards (even on
+# Ctrl-C). Run from anywhere:
+#   bash scripts/plant-bugs.sh            # every plant
+#   bash scripts/plant-bugs.sh preempt    # only plants whose name matches
 set -euo pipefail
 cd "$(dirname "$0")/.."
-src=crates/kv/src/block_pool.rs
-backup=$(mktemp)
-cp "$src" "$backup"
-trap 'cp "$backup" "$src"; rm -f "$backup"' EXIT
+only=${1:-}
 
-# name | perl substitution applied to block_pool.rs
+files=(
+  crates/kv/src/block_pool.rs
+  crates/kv/src/kv_cache.rs
+  crates/engine/src/executor.rs
+  crates/engine/src/scheduler.rs
+  crates/engine/src/scheduler/room.rs
+  crates/engine/src/scheduler/turns.rs
+)
+backup=$(mktemp -d)
+for f in "${files[@]}"; do
+  mkdir -p "$backup/$(dirname "$f")"
+  cp "$f" "$backup/$f"
+done
+restore() {
+  for f in "${files[@]}"; do cp "$backup/$f" "$f"; done
+}
+trap 'restore; rm -rf "$backup"' EXIT
+
+# name | file | perl substitution (applied with -0, so it may span lines)
 plants=(
-  "skip the pin in lookup_and_pin|s/            self\.pin\(b\);\n            parent = Some/            parent = Some/"
-  "publish before complete|s/if self\.blocks\[b\.index\(\)\]\.fill_epoch <= self\.quarantine\.completed\(\) \{/if true {/"
-  "free a finished sequence head first|s/for &b in blocks\.iter\(\)\.rev\(\) \{/for &b in blocks.iter() {/"
-  "anchor the window to the first holder's epoch|s/blk\.last_use = blk\.last_use\.max\(last_epoch\);/if blk.last_use == Epoch::ZERO { blk.last_use = last_epoch; }/"
-  "reclaim every quarantined block on any completion|s/if blk\.state != BlockState::Quarantined \|\| blk\.last_use > e \{/if blk.state != BlockState::Quarantined {/"
+  # The KV core.
+  "skip the pin in lookup_and_pin|crates/kv/src/block_pool.rs|s/            self\.pin\(b\);\n            parent = Some/            parent = Some/"
+  "publish before complete|crates/kv/src/block_pool.rs|s/if self\.blocks\[b\.index\(\)\]\.fill_epoch <= self\.quarantine\.completed\(\) \{/if true {/"
+  "free a finished sequence head first|crates/kv/src/block_pool.rs|s/for &b in blocks\.iter\(\)\.rev\(\) \{/for &b in blocks.iter() {/"
+  "anchor the window to the first holder's epoch|crates/kv/src/block_pool.rs|s/blk\.last_use = blk\.last_use\.max\(last_epoch\);/if blk.last_use == Epoch::ZERO { blk.last_use = last_epoch; }/"
+  "reclaim every quarantined block on any completion|crates/kv/src/block_pool.rs|s/if blk\.state != BlockState::Quarantined \|\| blk\.quarantines != n \{/if blk.state != BlockState::Quarantined {/"
+  "publish under an unpublished parent|crates/kv/src/block_pool.rs|s/if !self\.parent_published\(b\) \|\| self\.index/if self.index/"
+  "do not taint what later steps built on a failed one|crates/kv/src/block_pool.rs|s/if self\.blocks\[b\.index\(\)\]\.built_on_taint\(&self\.blocks, e\) \{/if false {/"
+  "reclaim before publishing (LRU order)|crates/kv/src/block_pool.rs|s/(            for &\(b, g\) in &bucket\.written \{\n                self\.publish\(b, g\);\n            \}\n)(            self\.reclaim\(e, &bucket\.released\);\n)/\$2\$1/"
+  "resolve another pool's slot|crates/kv/src/block_pool.rs|s/if slot\.pool != self\.id \{/if false {/"
+  "let a step write into a shared block|crates/kv/src/block_pool.rs|s/\} else if access == Access::Write && blk\.refcount > 1 \{/} else if false {/"
+  "let a step read a failed step's block|crates/kv/src/block_pool.rs|s/\} else if blk\.tainted \{\n                \"written by a failed step\"/} else if false {\n                \"written by a failed step\"/"
+  "truncation keeps a failed step's blocks|crates/kv/src/block_pool.rs|s/            if blk\.tainted \{\n                keep = keep\.min\(i \* bs\);/            if false {\n                keep = keep.min(i * bs);/"
+  "drop the rest of the release queue|crates/kv/src/kv_cache.rs|s/lock\(&self\.shared\.released\)\.pop_front\(\)/lock(\&self.shared.released).drain(..).next()/"
+  # The engine.
+  "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
+  "no accesses recorded|crates/engine/src/scheduler.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
+  "poisoning skipped|crates/engine/src/executor.rs|s/for &b in &step\.poison \{\n            self\.runner\.poison\(b\);/for \&b in \&step.poison {\n            let _ = b;/"
+  "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler.rs|s/if hit\.pending\.is_some\(\) \{/if false {/"
+  "preempt every running request|crates/engine/src/scheduler/room.rs|s/            if gain >= short \{\n                break;\n            \}\n//"
+  "unpin every idle session|crates/engine/src/scheduler/room.rs|s/            if y\.now \+ y\.later == 0 \{\n                continue;\n            \}\n/            if matches!(giver, Giver::Session(_)) {\n                chosen.push((giver, y));\n                continue;\n            }\n            if y.now + y.later == 0 {\n                continue;\n            }\n/"
+  "hand a session its lease before the overlapped step completes|crates/engine/src/scheduler.rs|s/\.is_some_and\(\|s\| s\.finished && s\.outstanding == 0\)/.is_some_and(|s| s.finished)/; s/(fn on_result[\s\S]*?let Some\(s\) = self\.seqs\.get_mut\(&id\) else \{\n                continue;\n            \};\n            )s\.outstanding -= 1;/\$1s.outstanding = s.outstanding.saturating_sub(1);/; s/(for f in r\.failed \{\n            if let Some\(s\) = self\.seqs\.get_mut\(&f\.seq\) \{\n                if f\.sampling \{\n                    )s\.outstanding -= 1;/\$1s.outstanding = s.outstanding.saturating_sub(1);/"
 )
 
 status=0
 for p in "${plants[@]}"; do
   name=${p%%|*}
-  expr=${p#*|}
-  cp "$backup" "$src"
-  perl -0pi -e "$expr" "$src"
-  if cmp -s "$backup" "$src"; then
+  rest=${p#*|}
+  file=${rest%%|*}
+  expr=${rest#*|}
+  if [ -n "$only" ] && [[ "$name" != *"$only"* ]]; then continue; fi
+  restore
+  perl -0pi -e "$expr" "$file"
+  if cmp -s "$backup/$file" "$file"; then
     echo "PLANT DID NOT APPLY: $name"; status=1; continue
   fi
-  out=$(STRATA_PROPTEST_CASES=256 cargo test -q -p strata-kv --profile ci --test kv 2>&1 || true)
-  # The names listed under the last "failures:" heading.
-  failed=$(awk '/^failures:$/ {n++; next} n==2 && /^    / {print $1}' <<<"$out" | tr '\n' ' ')
+  crate=$(cut -d/ -f2 <<<"$file")
+  out=$(STRATA_PROPTEST_CASES=256 STRATA_STRESS_STEPS=10000 \
+    cargo test -q -p "strata-$crate" --profile ci --no-fail-fast --lib --test "$crate" 2>&1 || true)
+  if grep -q "^error\(\[E[0-9]*\]\)\?:" <<<"$out"; then
+    echo "PLANT DID NOT COMPILE: $name"; grep -m3 "^error" <<<"$out"; status=1; continue
+  fi
+  # The names listed under every second "failures:" heading (each failing
+  # test binary prints its details under the first, then the plain list).
+  failed=$(awk '/^failures:$/ {n++; list = (n % 2 == 0); next}
+    list && /^    [^ ]/ {print $1} list && /^$/ {list = 0}' <<<"$out" | sort -u | tr '\n' ' ')
   if [ -n "$failed" ]; then
     echo "caught: $name -> $failed"
   else
