@@ -182,6 +182,7 @@ impl<R: Runner> Executor<R> {
         // A pending input becomes known: the previous step's sample,
         // recorded in its slot, all under one lock; rows whose sample is
         // missing fail.
+        let mut unresolved = Vec::new();
         {
             let last = &self.last;
             let mut g = lock_counted(&self.cache, &mut self.lock_wait);
@@ -204,10 +205,18 @@ impl<R: Runner> Executor<R> {
                             error,
                             sampling: r.sample,
                         });
+                        unresolved.push(r.seq);
                         false
                     }
                 }
             });
+        }
+        // A row that could not take its input computes nothing; the next
+        // step's row, already planned on top of it, must not run on the
+        // sample before it or on the slot it never wrote.
+        for seq in unresolved {
+            self.last.remove(&seq);
+            self.doomed.insert(seq);
         }
         for &b in &step.poison {
             self.runner.poison(b);

@@ -90,9 +90,17 @@ pub struct Counters {
     /// Idle sessions unpinned to make room.
     pub sessions_unpinned: u64,
     /// Blocks that rows and admissions were short of, beyond the free ones
-    /// and those coming back, when pins were given up for them (each
-    /// preemption or unpin covers at least one: no cascade).
+    /// and those coming back, when pins were given up for them.
     pub blocks_short: u64,
+    /// Preemptions made while the pool itself showed enough blocks coming
+    /// back (always 0 unless the scheduler's accounting has a bug).
+    pub needless_preemptions: u64,
+    /// Preemptions of a request older than the one the room was made for
+    /// (always 0: newer requests give way).
+    pub priority_inversions: u64,
+    /// Session hand-overs whose lease the KV core refused to truncate (a
+    /// bug; the session then recomputes from its cached blocks).
+    pub handovers_refused: u64,
     /// Admissions deferred because the next prompt block was being filled
     /// by another request.
     pub waits_for_pending: u64,
@@ -192,6 +200,8 @@ pub(crate) struct Scheduler {
     session_ttl: std::time::Duration,
     tokenizer: Option<Arc<Tokenizer>>,
     sanitizer: Arc<Sanitizer>,
+    /// Finished turns whose lease goes to their session at the next chance.
+    handovers: Vec<turns::Handover>,
 }
 
 impl Scheduler {
@@ -228,6 +238,7 @@ impl Scheduler {
             session_ttl: engine.session_ttl,
             tokenizer: engine.tokenizer.clone(),
             sanitizer,
+            handovers: Vec::new(),
         }
     }
 
@@ -400,7 +411,8 @@ impl Scheduler {
         let mut g = cache.lock();
         let locked = Instant::now();
         let epoch = g.next_epoch();
-        let mut room = Room::new(&g, epoch);
+        self.apply_handovers(&mut g);
+        let mut room = Room::new(epoch, self.finishing_blocks(&g)?);
         let mut budget = self.config.max_step_tokens;
         let mut seqs: Vec<StepSeq> = Vec::new();
         let preemptions_before = self.counters.preemptions;
@@ -441,7 +453,7 @@ impl Scheduler {
         // Admission, first come first served; not in a step that had to
         // preempt or whose running requests wait for blocks (the blocks
         // coming back are theirs).
-        let pressed = self.counters.preemptions > preemptions_before || room.promised() > 0;
+        let pressed = self.counters.preemptions > preemptions_before || room.any_waiting();
         while !pressed && budget > 0 && self.running.len() < self.config.max_running {
             let Some(&id) = self.waiting.front() else {
                 break;
@@ -545,43 +557,57 @@ impl Scheduler {
                 Admission::Gone
             });
         }
+        // Keep a block of headroom per running request for its decode, so
+        // a new admission does not force the next step to preempt.
+        let reserve = self.running.len();
         let s = &self.seqs[&id];
+        let blocks = s.tokens.len().div_ceil(self.block_size);
         // A session's turn takes the session's pinned blocks.
-        let carried = s
-            .session
+        let sid = s.session;
+        let carried = sid
             .and_then(|sid| self.sessions.get_mut(&sid))
             .and_then(|x| x.lease.take());
-        let s = &self.seqs[&id];
         let from_session = carried.is_some();
         let (lease, hit_blocks, hit_tokens) = match carried {
             Some(lease) => {
                 let t = g.len_tokens(lease.id())?;
                 let b = g.table(lease.id())?.len();
+                if !self.room_for_admission(g, room, blocks - b + reserve)? {
+                    // Wait, holding nothing; the pins go back to the session
+                    // (where pressure may take them).
+                    if let Some(x) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
+                        x.lease = Some(lease);
+                    }
+                    return Ok(Admission::Wait);
+                }
                 (lease, b, t)
             }
             None => {
                 let mut seq = self.hasher.sequence(s.root);
                 seq.extend(&s.tokens);
-                let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
-                if hit.pending.is_some() {
+                // Decide on a look that pins nothing: a request that waits
+                // must not reorder the LRU queue or count as a lookup each
+                // time it retries.
+                let peek = g.peek_prefix(&seq)?;
+                if peek.hit.pending.is_some() {
                     self.counters.waits_for_pending += 1;
                     return Ok(Admission::Wait);
                 }
+                // Pinning takes the free hit blocks out of the free queue.
+                let want = blocks - peek.hit.blocks + reserve + peek.free;
+                if !self.room_for_admission(g, room, want)? {
+                    return Ok(Admission::Wait);
+                }
+                let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
                 (lease, hit.blocks, hit.tokens)
             }
         };
-        let need = s.tokens.len().div_ceil(self.block_size) - hit_blocks;
-        // Keep a block of headroom per running request for its decode, so
-        // a new admission does not force the next step to preempt.
-        let reserve = self.running.len();
-        if !self.room_for_admission(g, room, need + reserve)? {
-            // Wait, holding nothing; a session's pins go back to the
-            // session (where pressure may take them).
-            if from_session {
-                let sid = self.seqs[&id].session.expect("a session's turn");
-                if let Some(x) = self.sessions.get_mut(&sid) {
-                    x.lease = Some(lease);
-                }
+        let need = blocks - hit_blocks;
+        if need > g.free_blocks() {
+            // Unpinning a session just now made more of the hit free than
+            // the look counted (rare): try again next step.
+            if from_session && let Some(x) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
+                x.lease = Some(lease);
             }
             return Ok(Admission::Wait);
         }
@@ -759,6 +785,11 @@ impl Scheduler {
             if let Some(reason) = reason {
                 self.finish(id, reason);
             }
+        }
+        if !self.handovers.is_empty() {
+            let cache = self.cache.clone();
+            let mut g = cache.lock();
+            self.apply_handovers(&mut g);
         }
         self.counters.schedule_nanos += t0.elapsed().as_nanos() as u64;
     }

@@ -16,8 +16,9 @@
 //!   touch(E)       ──> E reads the holder's blocks
 //!   release        ──> refcount -1, tail first; a block whose window has not
 //!                      closed goes to quarantine, else to the free queue
-//!   complete(E)    ──> reclaim quarantined blocks whose last use <= E, then
-//!                      publish the blocks filled by steps <= E
+//!   complete(E)    ──> publish the blocks filled by steps <= E (under a
+//!                      published parent only), then reclaim quarantined
+//!                      blocks whose last use <= E
 //! ```
 
 use rustc_hash::FxHashMap;
@@ -92,6 +93,16 @@ pub struct PrefixHit {
     /// The next block of the prompt is being filled by another sequence
     /// right now: waiting for its publication beats computing it again.
     pub pending: Option<BlockHash>,
+}
+
+/// The outcome of [`BlockPool::peek_prefix`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PrefixPeek {
+    /// What a lookup would hit now.
+    pub hit: PrefixHit,
+    /// Of the hit blocks, those in the free queue now (pinning them takes
+    /// them out of it).
+    pub free: usize,
 }
 
 /// A cached block whose hash left the index to make room.
@@ -467,6 +478,52 @@ impl BlockPool {
         tag: OwnerTag,
         seq: &SequenceHasher,
     ) -> Result<(HolderId, PrefixHit), KvError> {
+        let (table, pending) = self.walk(seq)?;
+        for &b in &table {
+            self.work += 1;
+            self.pin(b);
+        }
+        let bs = self.bs();
+        let hit = PrefixHit {
+            blocks: table.len(),
+            tokens: table.len() * bs,
+            pending,
+        };
+        let holder = self.new_holder(tag, seq.root());
+        let h = self
+            .holder_mut(holder)
+            .expect("a holder just created is live");
+        h.tokens = hit.tokens;
+        h.blocks = table;
+        self.stats.query_tokens += seq.tokens().len() as u64;
+        self.stats.hit_tokens += hit.tokens as u64;
+        Ok((holder, hit))
+    }
+
+    /// What [`Self::lookup_and_pin`] would find now, without pinning or
+    /// counting anything: for a request deciding whether it can be admitted
+    /// at all (a request that waits must not disturb the LRU order or the
+    /// hit statistics each time it retries). The answer holds only until
+    /// the pool changes.
+    pub fn peek_prefix(&self, seq: &SequenceHasher) -> Result<PrefixPeek, KvError> {
+        let (table, pending) = self.walk(seq)?;
+        let free = table
+            .iter()
+            .filter(|&&b| self.blocks[b.index()].state == BlockState::Free)
+            .count();
+        Ok(PrefixPeek {
+            hit: PrefixHit {
+                blocks: table.len(),
+                tokens: table.len() * self.bs(),
+                pending,
+            },
+            free,
+        })
+    }
+
+    /// The longest confirmed cached prefix of `seq` (capped so its last
+    /// token is computed), and the next block's hash if it is pending.
+    fn walk(&self, seq: &SequenceHasher) -> Result<(Vec<BlockId>, Option<BlockHash>), KvError> {
         if seq.hasher_fingerprint() != self.hasher.fingerprint() {
             return Err(KvError::ForeignHasher);
         }
@@ -475,34 +532,19 @@ impl BlockPool {
         let hashes = seq.hashes();
         let cap = tokens.len().saturating_sub(1) / bs;
         let root = seq.root();
-        let holder = self.new_holder(tag, root);
         let mut table = Vec::with_capacity(cap.min(hashes.len()));
         let mut parent: Option<(BlockId, Generation)> = None;
         let mut pending = None;
         for (i, &hash) in hashes.iter().enumerate().take(cap) {
-            self.work += 1;
             let Some(b) = self.confirmed_hit(hash, root, parent, &tokens[i * bs..(i + 1) * bs])
             else {
                 pending = self.pending_block(hash).map(|_| hash);
                 break;
             };
-            self.pin(b);
             parent = Some((b, self.blocks[b.index()].generation));
             table.push(b);
         }
-        let hit = PrefixHit {
-            blocks: table.len(),
-            tokens: table.len() * bs,
-            pending,
-        };
-        let h = self
-            .holder_mut(holder)
-            .expect("a holder just created is live");
-        h.tokens = hit.tokens;
-        h.blocks = table;
-        self.stats.query_tokens += tokens.len() as u64;
-        self.stats.hit_tokens += hit.tokens as u64;
-        Ok((holder, hit))
+        Ok((table, pending))
     }
 
     /// The block cached under `hash`, if it really continues the chain:

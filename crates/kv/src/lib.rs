@@ -35,7 +35,8 @@ mod sync;
 
 pub use block_hash::{BlockHasher, ChainRoot, ExtraKeys, HashKey, MAX_BLOCK_SIZE, SequenceHasher};
 pub use block_pool::{
-    BlockPool, CowCopy, Evicted, PoolConfig, PoolStats, PrefixHit, ReleaseYield, SlotRef,
+    BlockPool, CowCopy, Evicted, PoolConfig, PoolStats, PrefixHit, PrefixPeek, ReleaseYield,
+    SlotRef,
 };
 pub use error::{Access, BlockState, KvError, Violation};
 pub use ids::{BlockHash, BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};

@@ -178,3 +178,61 @@ fn too_few_logits_fail_every_row_of_the_step() {
             .is_err()
     );
 }
+
+/// A row whose input slot cannot be resolved (here: a reference minted by
+/// another cache) fails, and so does the same sequence's row in the next
+/// step, planned on top of it: it must not run on the sample before.
+#[test]
+fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
+    let s = setup(1);
+    let other = setup(1);
+    let mut ex = Executor::new(Probe::default(), s.cache.clone(), s.sanitizer.clone());
+    // Step 1: an ordinary row that samples (the executor keeps its token).
+    let r = ex.run(step(vec![row(&s, 0)], Vec::new()));
+    assert_eq!(r.samples.len(), 1);
+    let pending_row = |cache: &KvCache, lease: &Lease, e: u64| {
+        let mut g = cache.lock();
+        let epoch = g.next_epoch();
+        assert_eq!(epoch.get(), e);
+        let slot = g.write_pending(lease, epoch).unwrap();
+        let table = g.table(lease.id()).unwrap().to_vec();
+        StepSeq {
+            seq: RequestId(1),
+            start: 1,
+            pending: Some(slot),
+            known: Vec::new(),
+            accesses: Vec::new(),
+            table,
+            sample: true,
+            suppress: Vec::new(),
+            sampler: None,
+        }
+    };
+    // Step 2: its pending input names another cache's slot.
+    let mut bad = pending_row(&s.cache, &s.leases[0], 2);
+    {
+        let mut g = other.cache.lock();
+        let e = g.next_epoch();
+        bad.pending = Some(g.write_pending(&other.leases[0], e).unwrap());
+    }
+    let r = ex.run(Step {
+        epoch: strata_kv::Epoch::new(2),
+        seqs: vec![bad],
+        retire: Vec::new(),
+        poison: Vec::new(),
+    });
+    assert!(r.samples.is_empty() && r.failed.len() == 1, "{r:?}");
+    // Step 3: its next row, planned before step 2's result.
+    let next = pending_row(&s.cache, &s.leases[0], 3);
+    let r = ex.run(Step {
+        epoch: strata_kv::Epoch::new(3),
+        seqs: vec![next],
+        retire: Vec::new(),
+        poison: Vec::new(),
+    });
+    assert!(
+        r.samples.is_empty(),
+        "the row ran on the sample of step 1: {r:?}"
+    );
+    assert_eq!(r.failed.len(), 1);
+}

@@ -30,13 +30,18 @@ use crate::request::RequestId;
 
 /// The block budget of the step being planned.
 pub(super) struct Room {
-    /// Blocks coming back to the free queue when the step in flight
-    /// completes (quarantined until then).
-    returning: usize,
+    /// The step in flight while this one is planned, if any: the blocks
+    /// quarantined for it come back when it completes. Asked of the pool
+    /// each time (a victim's blocks join them), never tallied here.
+    in_flight: Option<Epoch>,
+    /// Blocks of requests whose last sample is in flight: they finish when
+    /// it comes back, and their blocks are free by the next step.
+    finishing: usize,
     /// Blocks that rows waiting in this step will take next step.
     promised: usize,
-    /// Rows that wait this step (not planned again in it).
-    waiting: Vec<RequestId>,
+    /// Rows that wait this step (not planned again in it), with what each
+    /// was promised.
+    waiting: Vec<(RequestId, usize)>,
 }
 
 /// Who can give blocks back.
@@ -47,37 +52,52 @@ enum Giver {
 
 impl Room {
     /// The budget of step `epoch`, planned while (at most) the step before
-    /// it runs.
-    pub(super) fn new(g: &PoolGuard<'_>, epoch: Epoch) -> Self {
-        let returning = match epoch.get() {
-            0 | 1 => 0,
-            e => g.returning_by(Epoch::new(e - 1)),
-        };
+    /// it runs; `finishing` as above.
+    pub(super) fn new(epoch: Epoch, finishing: usize) -> Self {
         Self {
-            returning,
+            in_flight: (epoch.get() > 1).then(|| Epoch::new(epoch.get() - 1)),
+            finishing,
             promised: 0,
             waiting: Vec::new(),
         }
+    }
+
+    /// Blocks coming back by the next step.
+    fn returning(&self, g: &PoolGuard<'_>) -> usize {
+        self.in_flight.map_or(0, |e| g.returning_by(e)) + self.finishing
     }
 
     /// Free blocks a row may take now without taking what a waiting row
     /// counts on (promises are met first from the returning blocks).
     pub(super) fn available_now(&self, g: &PoolGuard<'_>) -> usize {
         g.free_blocks()
-            .saturating_sub(self.promised.saturating_sub(self.returning))
+            .saturating_sub(self.promised.saturating_sub(self.returning(g)))
     }
 
     /// Blocks there will be by the next step, less what is promised.
     fn by_next_step(&self, g: &PoolGuard<'_>) -> usize {
-        (g.free_blocks() + self.returning).saturating_sub(self.promised)
+        (g.free_blocks() + self.returning(g)).saturating_sub(self.promised)
     }
 
-    pub(super) fn promised(&self) -> usize {
-        self.promised
+    /// Whether any row waits for blocks this step.
+    pub(super) fn any_waiting(&self) -> bool {
+        !self.waiting.is_empty()
     }
 
     pub(super) fn is_waiting(&self, id: RequestId) -> bool {
-        self.waiting.contains(&id)
+        self.waiting.iter().any(|&(w, _)| w == id)
+    }
+
+    fn wait(&mut self, id: RequestId, promise: usize) {
+        self.waiting.push((id, promise));
+        self.promised += promise;
+    }
+
+    /// A waiting row was preempted: its promise lapses.
+    fn forget(&mut self, id: RequestId) {
+        if let Some(k) = self.waiting.iter().position(|&(w, _)| w == id) {
+            self.promised -= self.waiting.swap_remove(k).1;
+        }
     }
 }
 
@@ -96,8 +116,11 @@ impl Scheduler {
         let short = need.saturating_sub(room.by_next_step(g));
         if short > 0 {
             let mut givers = self.idle_sessions(g)?;
-            for &v in self.running.iter().rev() {
-                if v == id || in_step.iter().any(|r| r.seq == v) {
+            // Only newer requests give way (FCFS: a preempted request keeps
+            // its place in line, so it cannot starve), none in this step,
+            // and none about to finish (its blocks come back anyway).
+            for &v in self.running.iter().rev().take_while(|&&v| v > id) {
+                if in_step.iter().any(|r| r.seq == v) || !self.plannable(&self.seqs[&v]) {
                     continue;
                 }
                 let lease = self.seqs[&v]
@@ -106,8 +129,13 @@ impl Scheduler {
                     .expect("running requests hold a lease");
                 givers.push((Giver::Request(v), g.release_yield(lease.id())?));
             }
-            if !self.give_up(g, room, givers, short)? {
-                room.waiting.push(id);
+            // The pool's own count, apart from this scheduler's tally: if
+            // it says enough comes back, a preemption now is needless.
+            let witness = (g.free_blocks() + room.in_flight.map_or(0, |e| g.returning_by(e)))
+                .saturating_sub(room.promised);
+            let needless = witness >= need;
+            if !self.give_up(g, room, givers, short, Some((id, needless)))? {
+                room.wait(id, 0);
                 return Ok(false);
             }
         }
@@ -115,8 +143,7 @@ impl Scheduler {
             return Ok(true);
         }
         // Enough comes back when the step in flight completes.
-        room.waiting.push(id);
-        room.promised += need;
+        room.wait(id, need);
         self.counters.waits_for_blocks += 1;
         Ok(false)
     }
@@ -139,7 +166,7 @@ impl Scheduler {
             return Ok(false);
         }
         let givers = self.idle_sessions(g)?;
-        Ok(self.give_up(g, room, givers, short)? && room.available_now(g) >= want)
+        Ok(self.give_up(g, room, givers, short, None)? && room.available_now(g) >= want)
     }
 
     /// Sessions whose pins are at rest (idle, or their turn not admitted),
@@ -161,13 +188,17 @@ impl Scheduler {
 
     /// Gives up the shortest prefix of `givers` (skipping those that would
     /// give nothing) whose blocks cover `short`; if all of them would not,
-    /// gives up nothing. Returns whether it covered `short`.
+    /// gives up nothing. Returns whether it covered `short`. `row`: the
+    /// request the room is for, and whether the pool says enough comes
+    /// back anyway; preemptions that are needless or of an older request
+    /// are counted (bugs the stress run checks for).
     fn give_up(
         &mut self,
         g: &mut PoolGuard<'_>,
         room: &mut Room,
         givers: Vec<(Giver, ReleaseYield)>,
         short: usize,
+        row: Option<(RequestId, bool)>,
     ) -> Result<bool, KvError> {
         let mut gain = 0;
         let mut chosen = Vec::new();
@@ -179,13 +210,13 @@ impl Scheduler {
                 continue;
             }
             gain += y.now + y.later;
-            chosen.push((giver, y));
+            chosen.push(giver);
         }
         if gain < short {
             return Ok(false);
         }
         self.counters.blocks_short += short as u64;
-        for (giver, y) in chosen {
+        for giver in chosen {
             match giver {
                 Giver::Session(sid) => {
                     let lease = self
@@ -196,9 +227,14 @@ impl Scheduler {
                     g.release(lease)?;
                     self.counters.sessions_unpinned += 1;
                 }
-                Giver::Request(v) => self.preempt(g, v)?,
+                Giver::Request(v) => {
+                    let (id, needless) = row.expect("only rows preempt");
+                    self.counters.needless_preemptions += needless as u64;
+                    self.counters.priority_inversions += (v < id) as u64;
+                    room.forget(v);
+                    self.preempt(g, v)?;
+                }
             }
-            room.returning += y.later;
         }
         Ok(true)
     }
@@ -216,5 +252,20 @@ impl Scheduler {
         self.waiting.insert(at, id);
         self.counters.preemptions += 1;
         Ok(())
+    }
+
+    /// Blocks of requests whose last sample is in flight (not session
+    /// turns, whose blocks go to their session): free by the next step.
+    pub(super) fn finishing_blocks(&self, g: &PoolGuard<'_>) -> Result<usize, KvError> {
+        let mut n = 0;
+        for id in &self.running {
+            let s = &self.seqs[id];
+            if s.session.is_none() && s.outstanding > 0 && !self.plannable(s) {
+                let lease = s.lease.as_ref().expect("running requests hold a lease");
+                let y = g.release_yield(lease.id())?;
+                n += y.now + y.later;
+            }
+        }
+        Ok(n)
     }
 }

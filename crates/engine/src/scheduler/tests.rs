@@ -230,6 +230,10 @@ impl Sim {
         out
     }
 
+    pub(super) fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+
     pub(super) fn preemptions(&self) -> u64 {
         self.sched.counters().preemptions
     }
@@ -380,4 +384,99 @@ fn pressure_unpins_only_the_sessions_that_free_what_is_needed() {
     );
     assert!(sim.pinned(3), "one session's blocks were enough");
     sim.run_to_end();
+}
+
+/// Three older requests cross into a new block in the same step with none
+/// free; one newer request's blocks (quarantined until the step in flight
+/// completes) cover all three. Exactly one request is preempted; the three
+/// wait one step. Counting only the free queue, or forgetting that a
+/// victim's quarantined blocks come back, preempts one victim per row.
+#[test]
+fn one_victim_covers_every_row_short_in_the_same_step() {
+    // 14 blocks of 4. Prompts of 3 tokens (a, b, x) cross block boundaries
+    // at positions 4 and 8 (plans 3 and 7); prompts of 8 (c, d) at 8 and 12
+    // (plans 2 and 6). Admission leaves 7 blocks of headroom, which the
+    // crossings of plans 2, 3 and 6 use up: at plan 7, a, b and x find
+    // nothing free.
+    let mut sim = Sim::new(14, 4);
+    let ids: Vec<RequestId> = [(3, 1), (3, 2), (3, 3), (8, 4), (8, 5)]
+        .iter()
+        .map(|&(len, seed)| sim.submit(len, seed, 20))
+        .collect();
+    assert!(sim.plan()); // plan 1: every prefill
+    for _ in 2..=6 {
+        assert!(sim.plan());
+        sim.run_oldest();
+    }
+    assert_eq!(sim.free_blocks(), 0);
+    assert_eq!(sim.preemptions(), 0);
+    assert!(sim.plan()); // plan 7
+    assert_eq!(sim.preemptions(), 1, "one victim's blocks cover three rows");
+    assert!(
+        sim.sched.waiting.contains(&ids[4]),
+        "the newest request gave way"
+    );
+    sim.run_to_end();
+    for id in ids {
+        assert_eq!(sim.finished_with(id), Some(FinishReason::Length));
+    }
+    let c = sim.sched.counters();
+    assert_eq!(
+        (c.needless_preemptions, c.priority_inversions),
+        (0, 0),
+        "{c:?}"
+    );
+    assert!(sim.cache.lock().is_whole());
+}
+
+/// An older request still prefilling a long prompt holds most of the pool
+/// while a newer one decodes and runs out of blocks. The newer one waits
+/// (or gives way later); the older one is never preempted.
+#[test]
+fn a_newer_request_never_preempts_an_older_one() {
+    let mut sim = Sim::new(152, 4);
+    let x = sim.submit(600, 1, 4); // 150 blocks, prefilled 64 tokens a step
+    let y = sim.submit(4, 2, 40);
+    loop {
+        let planned = sim.in_flight_len() < 2 && sim.plan();
+        if !planned {
+            if sim.in_flight_len() == 0 {
+                break;
+            }
+            sim.run_oldest();
+        }
+        let finished = sim.sched.seqs.get(&x).is_none_or(|s| s.finished);
+        assert!(
+            finished || sim.sched.running.contains(&x),
+            "the older request was preempted"
+        );
+    }
+    assert_eq!(sim.finished_with(x), Some(FinishReason::Length));
+    assert_eq!(sim.finished_with(y), Some(FinishReason::Length));
+    assert_eq!(sim.sched.counters().priority_inversions, 0);
+}
+
+/// A request that cannot be admitted yet retries every step; its retries
+/// must not count as lookups (the hit statistics) or pin and unpin its
+/// prefix (the LRU order).
+#[test]
+fn a_waiting_request_looks_up_its_prefix_once() {
+    let mut sim = Sim::new(12, 4);
+    let a = sim.submit(28, 1, 6); // 7 blocks; with its decode, most of the pool
+    assert!(sim.plan());
+    let b = sim.submit(20, 2, 2); // 5 blocks + headroom: waits for a
+    for _ in 0..4 {
+        sim.plan();
+        sim.run_oldest();
+    }
+    assert!(sim.sched.waiting.contains(&b), "b waited");
+    sim.run_to_end();
+    assert_eq!(sim.finished_with(a), Some(FinishReason::Length));
+    assert_eq!(sim.finished_with(b), Some(FinishReason::Length));
+    let s = sim.cache.lock().stats();
+    assert_eq!(
+        s.query_tokens,
+        28 + 20,
+        "each prompt is looked up once: {s:?}"
+    );
 }

@@ -23,7 +23,7 @@ use strata_kv::TokenId;
 use super::Scheduler;
 use crate::request::{FinishReason, RequestId};
 use crate::session::{self, Session, SessionInfo};
-use strata_kv::{ExtraKeys, Lease};
+use strata_kv::{ExtraKeys, Lease, PoolGuard};
 
 impl Scheduler {
     /// A new session with an empty conversation.
@@ -131,34 +131,60 @@ impl Scheduler {
         session::lock(&self.registry).end_turn(sid);
     }
 
-    /// Every step that wrote into turn `id`'s lease has completed: the
-    /// session gets the conversation and the lease, truncated to what is
-    /// known good. Called only as step results are applied, never with the
-    /// pool locked.
+    /// Every step that wrote into turn `id`'s lease has completed: queues
+    /// the hand-over, applied under the pool lock by the scheduler's next
+    /// `plan` or at the end of applying step results (never by taking the
+    /// lock here: a turn may finish while planning holds it).
     pub(super) fn hand_over(
         &mut self,
         id: RequestId,
         sid: u64,
-        (tokens, upto): (Vec<TokenId>, usize),
+        conversation: (Vec<TokenId>, usize),
         lease: Option<Lease>,
     ) {
-        let Some(s) = self
-            .sessions
-            .get_mut(&sid)
-            .filter(|s| s.handover == Some(id))
-        else {
-            return; // destroyed meanwhile: the lease drops
-        };
-        s.handover = None;
-        s.tokens = tokens;
-        s.last_used = std::time::Instant::now();
-        s.lease = lease.and_then(|lease| {
-            let kept = self.cache.lock().truncate(&lease, upto);
-            debug_assert!(
-                kept.is_ok(),
-                "a hand-over before its steps completed: {kept:?}"
-            );
-            kept.ok().map(|_| lease)
+        self.handovers.push(Handover {
+            id,
+            sid,
+            conversation,
+            lease,
         });
     }
+
+    /// The session gets the conversation and the lease, truncated to what
+    /// is known good (a failed step's blocks, and the KV of a stop string's
+    /// tokens, are dropped).
+    pub(super) fn apply_handovers(&mut self, g: &mut PoolGuard<'_>) {
+        for h in std::mem::take(&mut self.handovers) {
+            let Some(s) = self
+                .sessions
+                .get_mut(&h.sid)
+                .filter(|s| s.handover == Some(h.id))
+            else {
+                continue; // destroyed meanwhile: the lease drops
+            };
+            let (tokens, upto) = h.conversation;
+            s.handover = None;
+            s.tokens = tokens;
+            s.last_used = std::time::Instant::now();
+            s.lease = h.lease.and_then(|lease| match g.truncate(&lease, upto) {
+                Ok(_) => Some(lease),
+                Err(e) => {
+                    // Every step that used the lease has completed (that is
+                    // when a hand-over is queued), so this is a bug; the
+                    // session recomputes from its cached blocks.
+                    debug_assert!(false, "a hand-over before its steps completed: {e}");
+                    self.counters.handovers_refused += 1;
+                    None
+                }
+            });
+        }
+    }
+}
+
+/// A finished turn's conversation and lease, waiting to go to its session.
+pub(super) struct Handover {
+    id: RequestId,
+    sid: u64,
+    conversation: (Vec<TokenId>, usize),
+    lease: Option<Lease>,
 }

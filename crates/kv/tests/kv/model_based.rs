@@ -747,6 +747,18 @@ impl Harness {
         let e = self.completed + 1 + skip as u64;
         let quarantined = self.pool.stats().quarantined;
         let returning = (e <= self.issued()).then(|| self.pool.returning_by(Epoch::new(e)));
+        // What comes back: the blocks no one holds whose last holder's
+        // steps end by `e` (and after the last completed one).
+        let expected = (0..self.recs.len())
+            .filter(|&b| self.holders_of(b) == 0)
+            .filter(|&b| {
+                let w = self.recs[b].window.max(self.recs[b].accessed);
+                w > self.completed && w <= e
+            })
+            .count();
+        if let Some(r) = returning {
+            assert_eq!(r, expected, "returning_by(e{e})");
+        }
         let r = if fail {
             self.pool.fail(Epoch::new(e))
         } else {
@@ -775,6 +787,21 @@ impl Harness {
 
     fn release(&mut self, i: usize) {
         let y = self.pool.release_yield(self.holders[i].id).unwrap();
+        // What it gives back: the blocks only it holds, at once if no step
+        // in flight may touch them, else when that step completes.
+        let h = &self.holders[i];
+        let (mut now, mut later) = (0, 0);
+        for &b in &h.table {
+            if self.holders_of(b) == 1 {
+                let w = self.recs[b].window.max(self.recs[b].accessed).max(h.last);
+                if w <= self.completed {
+                    now += 1;
+                } else {
+                    later += 1;
+                }
+            }
+        }
+        assert_eq!((y.now, y.later), (now, later), "release_yield");
         let s = self.pool.stats();
         let h = self.holders.swap_remove(i);
         self.pool.release(h.id).unwrap();
