@@ -31,7 +31,7 @@ trap 'restore; rm -rf "$backup"' EXIT
 # name | file | perl substitution (applied with -0, so it may span lines)
 plants=(
   # The KV core.
-  "skip the pin in lookup_and_pin|crates/kv/src/block_pool.rs|s/            self\.pin\(b\);\n            parent = Some/            parent = Some/"
+  "skip the pin in lookup_and_pin|crates/kv/src/block_pool.rs|s/            self\.work \+= 1;\n            self\.pin\(b\);\n/            self.work += 1;\n/"
   "publish before complete|crates/kv/src/block_pool.rs|s/if self\.blocks\[b\.index\(\)\]\.fill_epoch <= self\.quarantine\.completed\(\) \{/if true {/"
   "free a finished sequence head first|crates/kv/src/block_pool.rs|s/for &b in blocks\.iter\(\)\.rev\(\) \{/for &b in blocks.iter() {/"
   "anchor the window to the first holder's epoch|crates/kv/src/block_pool.rs|s/blk\.last_use = blk\.last_use\.max\(last_epoch\);/if blk.last_use == Epoch::ZERO { blk.last_use = last_epoch; }/"
@@ -49,7 +49,7 @@ plants=(
   "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
   "no accesses recorded|crates/engine/src/scheduler.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
   "poisoning skipped|crates/engine/src/executor.rs|s/for &b in &step\.poison \{\n            self\.runner\.poison\(b\);/for \&b in \&step.poison {\n            let _ = b;/"
-  "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler.rs|s/if hit\.pending\.is_some\(\) \{/if false {/"
+  "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler.rs|s/if peek\.hit\.pending\.is_some\(\) \{/if false {/; s/if peek\.hit\.pending\.is_some\(\) \|\| /if /"
   "preempt every running request|crates/engine/src/scheduler/room.rs|s/            if gain >= short \{\n                break;\n            \}\n//"
   "unpin every idle session|crates/engine/src/scheduler/room.rs|s/            if gain >= short \{\n                break;\n            \}/            if gain >= short \&\& !matches!(giver, Giver::Session(_)) {\n                break;\n            }/"
   "unpin idle sessions that free nothing|crates/engine/src/scheduler/room.rs|s/            if y\.now \+ y\.later == 0 \{\n                continue;\n            \}\n            gain \+= y\.now \+ y\.later;/            gain += (y.now + y.later).max(1);/"

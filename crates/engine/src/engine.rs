@@ -24,6 +24,10 @@ use crate::sync::{Arc, Mutex, lock, mpsc as std_mpsc, thread};
 /// Engine instances, numbered so a session names its model.
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
+/// How often a stalled scheduler looks again (for sessions' time-to-live
+/// and clients that went away) while no message arrives.
+const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Why the engine refused a request or could not start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
@@ -208,6 +212,11 @@ impl Engine {
             .spawn(move || {
                 let mut outstanding = 0usize;
                 let mut stopping = false;
+                // Requests wait but no row could be planned and no step is
+                // in flight: nothing changes until a message (or an idle
+                // session's time-to-live) does, so wait for one instead of
+                // planning empty steps in a loop.
+                let mut stalled = false;
                 let mut idle_waiters: Vec<std_mpsc::Sender<()>> = Vec::new();
                 loop {
                     let idle = outstanding >= 2 || !scheduler.has_work() || stopping;
@@ -215,6 +224,12 @@ impl Engine {
                         match rx.recv() {
                             Ok(m) => Some(m),
                             Err(_) => break,
+                        }
+                    } else if stalled {
+                        match rx.recv_timeout(STALL_POLL) {
+                            Ok(m) => Some(m),
+                            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                         }
                     } else {
                         rx.try_recv().ok()
@@ -253,6 +268,7 @@ impl Engine {
                     }
                     scheduler.reap_disconnected();
                     scheduler.unpin_expired();
+                    stalled = false;
                     while !stopping && outstanding < 2 {
                         match scheduler.plan(outstanding > 0) {
                             Ok(Some(step)) => {
@@ -261,7 +277,10 @@ impl Engine {
                                 }
                                 outstanding += 1;
                             }
-                            Ok(None) => break,
+                            Ok(None) => {
+                                stalled = outstanding == 0 && scheduler.has_work();
+                                break;
+                            }
                             Err(e) => {
                                 // The KV core refused an operation: a bug.
                                 // Fail loudly rather than run on bad state.

@@ -98,6 +98,10 @@ pub struct Counters {
     /// Preemptions of a request older than the one the room was made for
     /// (always 0: newer requests give way).
     pub priority_inversions: u64,
+    /// Plans that found fewer free blocks than the plan before promised to
+    /// its waiting rows (always 0 unless the scheduler's accounting of what
+    /// comes back has a bug).
+    pub broken_promises: u64,
     /// Session hand-overs whose lease the KV core refused to truncate (a
     /// bug; the session then recomputes from its cached blocks).
     pub handovers_refused: u64,
@@ -202,6 +206,8 @@ pub(crate) struct Scheduler {
     sanitizer: Arc<Sanitizer>,
     /// Finished turns whose lease goes to their session at the next chance.
     handovers: Vec<turns::Handover>,
+    /// Blocks promised by the last plan to rows that wait for them.
+    promised: usize,
 }
 
 impl Scheduler {
@@ -239,6 +245,7 @@ impl Scheduler {
             tokenizer: engine.tokenizer.clone(),
             sanitizer,
             handovers: Vec::new(),
+            promised: 0,
         }
     }
 
@@ -412,6 +419,12 @@ impl Scheduler {
         let locked = Instant::now();
         let epoch = g.next_epoch();
         self.apply_handovers(&mut g);
+        // Blocks promised last step came back with the step in flight then
+        // (it has completed: at most two steps are ever outstanding). The
+        // pool's free count checks the promise, apart from this tally.
+        if g.free_blocks() < self.promised {
+            self.counters.broken_promises += 1;
+        }
         let mut room = Room::new(epoch, self.finishing_blocks(&g)?);
         let mut budget = self.config.max_step_tokens;
         let mut seqs: Vec<StepSeq> = Vec::new();
@@ -474,6 +487,16 @@ impl Scheduler {
                 Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
                 Planned::NoBlocks(_) => {}
             }
+        }
+        self.promised = room.promised();
+        if seqs.is_empty() && !overlapped {
+            // Nothing could run and nothing is in flight: close the epoch
+            // now rather than send an empty step (the engine waits for a
+            // message before planning again).
+            g.complete(epoch)?;
+            drop(g);
+            self.counters.plan_lock_nanos += locked.elapsed().as_nanos() as u64;
+            return Ok(None);
         }
         if self.config.sanitize
             && self.sanitizer.due(epoch.get())
@@ -567,12 +590,11 @@ impl Scheduler {
         let carried = sid
             .and_then(|sid| self.sessions.get_mut(&sid))
             .and_then(|x| x.lease.take());
-        let from_session = carried.is_some();
         let (lease, hit_blocks, hit_tokens) = match carried {
             Some(lease) => {
                 let t = g.len_tokens(lease.id())?;
                 let b = g.table(lease.id())?.len();
-                if !self.room_for_admission(g, room, blocks - b + reserve)? {
+                if !self.room_for_admission(g, room, blocks - b + reserve, &[])? {
                     // Wait, holding nothing; the pins go back to the session
                     // (where pressure may take them).
                     if let Some(x) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
@@ -593,24 +615,25 @@ impl Scheduler {
                     self.counters.waits_for_pending += 1;
                     return Ok(Admission::Wait);
                 }
-                // Pinning takes the free hit blocks out of the free queue.
-                let want = blocks - peek.hit.blocks + reserve + peek.free;
-                if !self.room_for_admission(g, room, want)? {
+                // Pinning takes the free hit blocks out of the free queue;
+                // an idle session holding hit blocks frees nothing by them.
+                let want = |p: &strata_kv::PrefixPeek| blocks - p.hit.blocks + reserve + p.free;
+                if !self.room_for_admission(g, room, want(&peek), &peek.blocks)? {
+                    return Ok(Admission::Wait);
+                }
+                // Unpinning may have changed what the prefix hits: look
+                // again before pinning (nothing is pinned yet).
+                let peek = g.peek_prefix(&seq)?;
+                if peek.hit.pending.is_some() || room.available_now(g) < want(&peek) {
                     return Ok(Admission::Wait);
                 }
                 let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
+                debug_assert_eq!(hit, peek.hit, "a look and the lookup under one lock agree");
                 (lease, hit.blocks, hit.tokens)
             }
         };
         let need = blocks - hit_blocks;
-        if need > g.free_blocks() {
-            // Unpinning a session just now made more of the hit free than
-            // the look counted (rare): try again next step.
-            if from_session && let Some(x) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
-                x.lease = Some(lease);
-            }
-            return Ok(Admission::Wait);
-        }
+        debug_assert!(need <= g.free_blocks(), "the room was checked");
         g.allocate(&lease, need)?;
         if self.config.sanitize {
             self.fresh

@@ -96,12 +96,14 @@ pub struct PrefixHit {
 }
 
 /// The outcome of [`BlockPool::peek_prefix`].
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct PrefixPeek {
     /// What a lookup would hit now.
     pub hit: PrefixHit,
-    /// Of the hit blocks, those in the free queue now (pinning them takes
-    /// them out of it).
+    /// The blocks it would pin.
+    pub blocks: Vec<BlockId>,
+    /// Of those, the ones in the free queue now (pinning them takes them
+    /// out of it).
     pub free: usize,
 }
 
@@ -517,6 +519,7 @@ impl BlockPool {
                 tokens: table.len() * self.bs(),
                 pending,
             },
+            blocks: table,
             free,
         })
     }
@@ -1214,15 +1217,37 @@ impl BlockPool {
     /// holds, split into those free at once and those a step in flight still
     /// uses (they come back when it completes). Shared blocks give nothing.
     pub fn release_yield(&self, h: HolderId) -> Result<ReleaseYield, KvError> {
-        let holder = self.holder(h)?;
+        self.release_yield_of(&[h], &[])
+    }
+
+    /// What releasing all of `holders` together would give back: the blocks
+    /// no one else holds (two sessions sharing a system prompt give it back
+    /// together, though neither does alone), less `keep` (blocks about to be
+    /// pinned again, say by the admission the room is made for).
+    pub fn release_yield_of(
+        &self,
+        holders: &[HolderId],
+        keep: &[BlockId],
+    ) -> Result<ReleaseYield, KvError> {
         let completed = self.quarantine.completed();
+        // Per block: how many of these holders hold it, and the latest step
+        // of those holders.
+        let mut held: FxHashMap<BlockId, (u32, Epoch)> = FxHashMap::default();
+        for &h in holders {
+            let holder = self.holder(h)?;
+            for &b in &holder.blocks {
+                let e = held.entry(b).or_insert((0, Epoch::ZERO));
+                e.0 += 1;
+                e.1 = e.1.max(holder.last_epoch);
+            }
+        }
         let mut y = ReleaseYield::default();
-        for &b in &holder.blocks {
+        for (b, (n, last)) in held {
             let blk = &self.blocks[b.index()];
-            if blk.refcount != 1 {
+            if blk.refcount != n || keep.contains(&b) {
                 continue;
             }
-            if blk.last_use.max(holder.last_epoch) <= completed {
+            if blk.last_use.max(last) <= completed {
                 y.now += 1;
             } else {
                 y.later += 1;

@@ -23,7 +23,7 @@
 //! step; later rows and admissions leave it alone, so an older request is
 //! not starved by newer ones.
 
-use strata_kv::{Epoch, KvError, PoolGuard, ReleaseYield};
+use strata_kv::{BlockId, Epoch, HolderId, KvError, PoolGuard};
 
 use super::{Scheduler, StepSeq};
 use crate::request::RequestId;
@@ -37,6 +37,10 @@ pub(super) struct Room {
     /// Blocks of requests whose last sample is in flight: they finish when
     /// it comes back, and their blocks are free by the next step.
     finishing: usize,
+    /// Blocks of session turns whose last sample is in flight: by the next
+    /// step they are a session's pins at rest, which an idle session gives
+    /// up under pressure.
+    settling: usize,
     /// Blocks that rows waiting in this step will take next step.
     promised: usize,
     /// Rows that wait this step (not planned again in it), with what each
@@ -45,18 +49,28 @@ pub(super) struct Room {
 }
 
 /// Who can give blocks back.
+#[derive(Clone, Copy)]
 enum Giver {
-    Session(u64),
-    Request(RequestId),
+    Session(u64, HolderId),
+    Request(RequestId, HolderId),
+}
+
+impl Giver {
+    fn holder(self) -> HolderId {
+        match self {
+            Giver::Session(_, h) | Giver::Request(_, h) => h,
+        }
+    }
 }
 
 impl Room {
     /// The budget of step `epoch`, planned while (at most) the step before
     /// it runs; `finishing` as above.
-    pub(super) fn new(epoch: Epoch, finishing: usize) -> Self {
+    pub(super) fn new(epoch: Epoch, (finishing, settling): (usize, usize)) -> Self {
         Self {
             in_flight: (epoch.get() > 1).then(|| Epoch::new(epoch.get() - 1)),
             finishing,
+            settling,
             promised: 0,
             waiting: Vec::new(),
         }
@@ -82,6 +96,11 @@ impl Room {
     /// Whether any row waits for blocks this step.
     pub(super) fn any_waiting(&self) -> bool {
         !self.waiting.is_empty()
+    }
+
+    /// Blocks promised to rows that wait: free by the next step.
+    pub(super) fn promised(&self) -> usize {
+        self.promised
     }
 
     pub(super) fn is_waiting(&self, id: RequestId) -> bool {
@@ -114,27 +133,33 @@ impl Scheduler {
         in_step: &[StepSeq],
     ) -> Result<bool, KvError> {
         let short = need.saturating_sub(room.by_next_step(g));
+        if short > 0 && short <= room.settling {
+            // A turn about to finish leaves its blocks as a session's pins
+            // at rest next step, to be given up then: wait for that rather
+            // than preempt.
+            room.wait(id, 0);
+            self.counters.waits_for_blocks += 1;
+            return Ok(false);
+        }
         if short > 0 {
-            let mut givers = self.idle_sessions(g)?;
+            let mut givers = self.idle_sessions();
             // Only newer requests give way (FCFS: a preempted request keeps
             // its place in line, so it cannot starve), none in this step,
             // and none about to finish (its blocks come back anyway).
             for &v in self.running.iter().rev().take_while(|&&v| v > id) {
-                if in_step.iter().any(|r| r.seq == v) || !self.plannable(&self.seqs[&v]) {
+                let s = &self.seqs[&v];
+                if in_step.iter().any(|r| r.seq == v) || !self.plannable(s) {
                     continue;
                 }
-                let lease = self.seqs[&v]
-                    .lease
-                    .as_ref()
-                    .expect("running requests hold a lease");
-                givers.push((Giver::Request(v), g.release_yield(lease.id())?));
+                let lease = s.lease.as_ref().expect("running requests hold a lease");
+                givers.push(Giver::Request(v, lease.id()));
             }
             // The pool's own count, apart from this scheduler's tally: if
             // it says enough comes back, a preemption now is needless.
             let witness = (g.free_blocks() + room.in_flight.map_or(0, |e| g.returning_by(e)))
                 .saturating_sub(room.promised);
             let needless = witness >= need;
-            if !self.give_up(g, room, givers, short, Some((id, needless)))? {
+            if !self.give_up(g, givers, short, &[], Some((id, needless)), room)? {
                 room.wait(id, 0);
                 return Ok(false);
             }
@@ -150,12 +175,14 @@ impl Scheduler {
 
     /// Whether an admission can take `want` blocks now, unpinning idle
     /// sessions (only as many as it takes) if even the blocks coming back
-    /// next step would not be enough. It never preempts.
+    /// next step would not be enough. It never preempts. `keep`: blocks the
+    /// admission will pin (a session's blocks among them free nothing).
     pub(super) fn room_for_admission(
         &mut self,
         g: &mut PoolGuard<'_>,
         room: &mut Room,
         want: usize,
+        keep: &[BlockId],
     ) -> Result<bool, KvError> {
         if room.available_now(g) >= want {
             return Ok(true);
@@ -165,13 +192,13 @@ impl Scheduler {
             // It comes back with the step in flight: admit next step.
             return Ok(false);
         }
-        let givers = self.idle_sessions(g)?;
-        Ok(self.give_up(g, room, givers, short, None)? && room.available_now(g) >= want)
+        let givers = self.idle_sessions();
+        Ok(self.give_up(g, givers, short, keep, None, room)? && room.available_now(g) >= want)
     }
 
     /// Sessions whose pins are at rest (idle, or their turn not admitted),
-    /// least recently used first, with what unpinning each gives back.
-    fn idle_sessions(&self, g: &PoolGuard<'_>) -> Result<Vec<(Giver, ReleaseYield)>, KvError> {
+    /// least recently used first.
+    fn idle_sessions(&self) -> Vec<Giver> {
         let mut idle: Vec<(&u64, &crate::session::Session)> = self
             .sessions
             .iter()
@@ -179,46 +206,59 @@ impl Scheduler {
             .collect();
         idle.sort_by_key(|(id, s)| (s.last_used, **id));
         idle.into_iter()
-            .map(|(&sid, s)| {
-                let lease = s.lease.as_ref().expect("filtered above");
-                Ok((Giver::Session(sid), g.release_yield(lease.id())?))
-            })
+            .map(|(&sid, s)| Giver::Session(sid, s.lease.as_ref().expect("filtered above").id()))
             .collect()
     }
 
-    /// Gives up the shortest prefix of `givers` (skipping those that would
-    /// give nothing) whose blocks cover `short`; if all of them would not,
-    /// gives up nothing. Returns whether it covered `short`. `row`: the
-    /// request the room is for, and whether the pool says enough comes
-    /// back anyway; preemptions that are needless or of an older request
-    /// are counted (bugs the stress run checks for).
+    /// Gives up a short prefix of `givers`, in order, whose blocks together
+    /// (less `keep`) cover `short`, leaving out any whose pins would free
+    /// nothing more; if all of them would not cover it, gives up nothing.
+    /// Returns whether it covered `short`. `row`: the request the room is
+    /// for, and whether the pool says enough comes back anyway; needless
+    /// preemptions and preemptions of an older request are counted (bugs
+    /// the stress run checks for).
     fn give_up(
         &mut self,
         g: &mut PoolGuard<'_>,
-        room: &mut Room,
-        givers: Vec<(Giver, ReleaseYield)>,
+        givers: Vec<Giver>,
         short: usize,
+        keep: &[BlockId],
         row: Option<(RequestId, bool)>,
+        room: &mut Room,
     ) -> Result<bool, KvError> {
-        let mut gain = 0;
+        let gain = |g: &PoolGuard<'_>, set: &[Giver]| -> Result<usize, KvError> {
+            let holders: Vec<HolderId> = set.iter().map(|x| x.holder()).collect();
+            let y = g.release_yield_of(&holders, keep)?;
+            Ok(y.now + y.later)
+        };
+        // Together, not one by one: two sessions sharing a prompt free it
+        // only when both let go.
         let mut chosen = Vec::new();
-        for (giver, y) in givers {
-            if gain >= short {
+        for giver in givers {
+            if gain(g, &chosen)? >= short {
                 break;
             }
-            if y.now + y.later == 0 {
-                continue;
-            }
-            gain += y.now + y.later;
             chosen.push(giver);
         }
-        if gain < short {
+        if gain(g, &chosen)? < short {
             return Ok(false);
+        }
+        // Leave out whoever is not needed for that (a session whose blocks
+        // a running request also holds, say).
+        let mut k = 0;
+        while k < chosen.len() {
+            let mut without = chosen.clone();
+            without.remove(k);
+            if gain(g, &without)? >= short {
+                chosen = without;
+            } else {
+                k += 1;
+            }
         }
         self.counters.blocks_short += short as u64;
         for giver in chosen {
             match giver {
-                Giver::Session(sid) => {
+                Giver::Session(sid, _) => {
                     let lease = self
                         .sessions
                         .get_mut(&sid)
@@ -227,7 +267,7 @@ impl Scheduler {
                     g.release(lease)?;
                     self.counters.sessions_unpinned += 1;
                 }
-                Giver::Request(v) => {
+                Giver::Request(v, _) => {
                     let (id, needless) = row.expect("only rows preempt");
                     self.counters.needless_preemptions += needless as u64;
                     self.counters.priority_inversions += (v < id) as u64;
@@ -254,18 +294,23 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Blocks of requests whose last sample is in flight (not session
-    /// turns, whose blocks go to their session): free by the next step.
-    pub(super) fn finishing_blocks(&self, g: &PoolGuard<'_>) -> Result<usize, KvError> {
-        let mut n = 0;
+    /// Blocks of running requests whose last sample is in flight: those of
+    /// plain requests (free by the next step) and those of session turns
+    /// (a session's pins at rest by then).
+    pub(super) fn finishing_blocks(&self, g: &PoolGuard<'_>) -> Result<(usize, usize), KvError> {
+        let (mut plain, mut turns) = (0, 0);
         for id in &self.running {
             let s = &self.seqs[id];
-            if s.session.is_none() && s.outstanding > 0 && !self.plannable(s) {
+            if s.outstanding > 0 && !self.plannable(s) {
                 let lease = s.lease.as_ref().expect("running requests hold a lease");
                 let y = g.release_yield(lease.id())?;
-                n += y.now + y.later;
+                if s.session.is_some() {
+                    turns += y.now + y.later;
+                } else {
+                    plain += y.now + y.later;
+                }
             }
         }
-        Ok(n)
+        Ok((plain, turns))
     }
 }

@@ -480,3 +480,100 @@ fn a_waiting_request_looks_up_its_prefix_once() {
         "each prompt is looked up once: {s:?}"
     );
 }
+
+/// Two idle sessions share a system prompt; neither gives it back alone,
+/// both together do. A request that needs those blocks is admitted once
+/// both are unpinned, instead of waiting for their time-to-live.
+#[test]
+fn sessions_sharing_a_prompt_give_it_back_together() {
+    let mut sim = Sim::new(16, 4);
+    for sid in [1, 2] {
+        let t = sim.submit_turn(sid, 28, 1, 1);
+        sim.run_to_end();
+        assert_eq!(sim.finished_with(t), Some(FinishReason::Length));
+    }
+    assert!(sim.pinned(1) && sim.pinned(2));
+    assert_eq!(sim.free_blocks(), 8, "6 shared blocks and one of each");
+    let w = sim.submit(48, 9, 2); // 12 blocks
+    assert!(sim.plan());
+    assert!(
+        sim.events(w)
+            .iter()
+            .any(|e| matches!(e, Event::Admitted { .. })),
+        "admitted at once"
+    );
+    assert!(!sim.pinned(1) && !sim.pinned(2));
+    sim.run_to_end();
+    assert_eq!(sim.finished_with(w), Some(FinishReason::Length));
+}
+
+/// An older request needs a block while a newer session turn's last
+/// sample is in flight: the turn's blocks become its session's pins at
+/// rest next step, and giving those up beats preempting the request in
+/// between. Nobody is preempted.
+#[test]
+fn a_turn_about_to_finish_spares_a_preemption() {
+    // 7 blocks of 4: a (3 tokens) crosses a block at plan 3; v and the
+    // turn w (8 tokens each) take the last free blocks at plan 2, and w's
+    // last sample is in step 2.
+    let mut sim = Sim::new(7, 4);
+    let a = sim.submit(3, 1, 10);
+    let v = sim.submit(8, 2, 10);
+    let w = sim.submit_turn(1, 8, 3, 2);
+    assert!(sim.plan()); // 1: prefills
+    assert!(sim.plan()); // 2: v and w take the last blocks
+    assert_eq!(sim.free_blocks(), 0);
+    sim.run_oldest();
+    assert!(sim.plan()); // 3: a is short; w finishes in step 2
+    assert_eq!(
+        sim.preemptions(),
+        0,
+        "v was preempted for blocks w gives back"
+    );
+    sim.run_to_end();
+    for id in [a, v, w] {
+        assert_eq!(sim.finished_with(id), Some(FinishReason::Length));
+    }
+    let c = sim.sched.counters();
+    assert_eq!(c.preemptions, 0);
+    assert!(c.sessions_unpinned >= 1, "{c:?}");
+    assert_eq!(c.broken_promises, 0);
+}
+
+/// An admission whose prefix an idle session pins: unpinning that session
+/// frees nothing the admission can use (it pins the same blocks again), so
+/// another session gives way, and the headroom for running requests stays.
+#[test]
+fn admission_does_not_unpin_the_session_whose_prefix_it_hits() {
+    let mut sim = Sim::new(11, 4);
+    let s = sim.submit_turn(1, 20, 1, 1); // 5 blocks, the prefix below
+    sim.run_to_end();
+    let t = sim.submit_turn(2, 12, 7, 1); // 3 blocks of its own
+    sim.run_to_end();
+    assert_eq!(
+        (sim.finished_with(s), sim.finished_with(t)),
+        (Some(FinishReason::Length), Some(FinishReason::Length))
+    );
+    let r = sim.submit(3, 5, 20);
+    // The same 20 tokens as session 1's, then 8 more (7 blocks, 5 hit).
+    let w = sim.submit(28, 1, 2);
+    assert!(sim.plan());
+    let admitted = |sim: &mut Sim, id| {
+        sim.events(id)
+            .iter()
+            .any(|e| matches!(e, Event::Admitted { .. }))
+    };
+    assert!(admitted(&mut sim, r) && admitted(&mut sim, w));
+    assert!(
+        sim.pinned(1),
+        "session 1's blocks are the prefix w pins again"
+    );
+    assert!(!sim.pinned(2), "session 2 gave way");
+    assert!(
+        sim.free_blocks() >= 1,
+        "the running request's headroom was taken"
+    );
+    sim.run_to_end();
+    assert_eq!(sim.finished_with(w), Some(FinishReason::Length));
+    assert_eq!(sim.sched.counters().preemptions, 0);
+}

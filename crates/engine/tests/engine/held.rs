@@ -10,6 +10,9 @@ use strata_kv::TokenId;
 use crate::fake::{self, FakeRunner, Gate, Gated};
 use crate::fixture::assert_whole;
 
+/// How long a test waits for the engine before calling it stuck.
+const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(30);
+
 // Field order matters on a failed test: `go` drops first, so a held step
 // fails instead of blocking the engine's shutdown.
 pub(crate) struct Harness {
@@ -49,7 +52,16 @@ impl Harness {
     /// Waits for the next step to reach the executor; it stays held.
     /// Returns its number of rows.
     pub(crate) fn held(&self) -> usize {
-        self.entered.recv().unwrap()
+        // A watchdog, not a timing: a step that never comes means the
+        // engine is stuck (or its scheduler thread died), and the test must
+        // fail saying so rather than hang.
+        match self.entered.recv_timeout(WATCHDOG) {
+            Ok(rows) => rows,
+            Err(e) => panic!(
+                "no step reached the executor within {WATCHDOG:?} ({e}):\n{}",
+                self.engine.debug_state()
+            ),
+        }
     }
 
     /// Lets the held step run, and waits until the scheduler has applied
@@ -66,7 +78,13 @@ impl Harness {
         self.go.send(gate).unwrap();
         // Polls a condition (not a timing): light, so the engine's threads
         // get the locks it reads.
+        let start = std::time::Instant::now();
         while self.engine.stats().counters.results < target {
+            assert!(
+                start.elapsed() < WATCHDOG,
+                "the step's result was never applied:\n{}",
+                self.engine.debug_state()
+            );
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }

@@ -291,6 +291,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
     // the pool itself shows too few blocks free or coming back with the
     // step in flight, and only a newer request gives way.
     assert_eq!(c.needless_preemptions, 0, "{c:?}");
+    assert_eq!(c.broken_promises, 0, "{c:?}");
     assert_eq!(c.priority_inversions, 0, "{c:?}");
     assert_eq!(c.handovers_refused, 0, "{c:?}");
     // The rate that follows for this workload: a preemption happens only
