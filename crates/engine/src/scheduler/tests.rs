@@ -577,3 +577,40 @@ fn admission_does_not_unpin_the_session_whose_prefix_it_hits() {
     assert_eq!(sim.finished_with(w), Some(FinishReason::Length));
     assert_eq!(sim.sched.counters().preemptions, 0);
 }
+
+/// The rule itself, at the call: with nothing free or coming back, a row
+/// may take blocks only from requests newer than it. An older request not
+/// in this step (still prefilling, or waiting on a promise) never gives
+/// way, however much it holds.
+#[test]
+fn only_newer_requests_give_way() {
+    let mut sim = Sim::new(5, 4);
+    let x = sim.submit(8, 1, 10);
+    let y = sim.submit(8, 2, 10);
+    assert!(sim.plan());
+    sim.run_oldest();
+    let cache = sim.cache.clone();
+    let mut g = cache.lock();
+    // Take the last free block, so that nothing is free or coming back.
+    let root = sim.sched.hasher.root(strata_kv::ExtraKeys {
+        model_fingerprint: b"hog",
+        cache_salt: None,
+    });
+    let hog = g.new_lease(strata_kv::OwnerTag(0), root);
+    let free = g.free_blocks();
+    g.allocate(&hog, free).unwrap();
+    let epoch = g.next_epoch();
+    let mut room = super::room::Room::new(epoch, (0, 0));
+    let now = sim.sched.make_room(&mut g, &mut room, y, 1, &[]).unwrap();
+    assert!(!now, "there was nothing to take");
+    assert!(sim.sched.running.contains(&x), "the older request gave way");
+    assert_eq!(sim.sched.counters().preemptions, 0);
+    // The older one may take from the newer.
+    let mut room = super::room::Room::new(epoch, (0, 0));
+    sim.sched.make_room(&mut g, &mut room, x, 1, &[]).unwrap();
+    assert!(sim.sched.waiting.contains(&y), "the newer request gave way");
+    g.complete(epoch).unwrap();
+    drop(g);
+    drop(hog);
+    sim.run_to_end();
+}
