@@ -242,30 +242,39 @@ impl PoolGuard<'_> {
     }
 }
 
+/// A cache of `num_blocks` 2-token blocks, its hasher and a chain root,
+/// for the tests below.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+fn test_cache(num_blocks: u32) -> (KvCache, BlockHasher, ChainRoot) {
+    use crate::{ExtraKeys, HashKey};
+    let hasher = BlockHasher::new(&HashKey::from_bytes([3; 32]), 2);
+    let root = hasher.root(ExtraKeys {
+        model_fingerprint: b"m",
+        cache_salt: None,
+    });
+    let cache = KvCache::new(
+        PoolConfig {
+            num_blocks,
+            block_size: 2,
+        },
+        hasher.clone(),
+    )
+    .unwrap();
+    (cache, hasher, root)
+}
+
 #[cfg(all(test, not(shuttle)))]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::{BlockHasher, ExtraKeys, HashKey, PoolConfig};
 
     /// One bad entry in the release queue (a holder released twice: a bug
     /// elsewhere) panics the drain; the leases dropped after it must still
     /// come back at the next lock, not be lost with the panic.
     #[test]
     fn a_panicking_release_does_not_lose_the_rest_of_the_queue() {
-        let hasher = BlockHasher::new(&HashKey::from_bytes([3; 32]), 2);
-        let root = hasher.root(ExtraKeys {
-            model_fingerprint: b"m",
-            cache_salt: None,
-        });
-        let cache = KvCache::new(
-            PoolConfig {
-                num_blocks: 4,
-                block_size: 2,
-            },
-            hasher,
-        )
-        .unwrap();
+        let (cache, _, root) = test_cache(4);
         let (bad, good) = {
             let mut pool = cache.lock();
             let bad = pool.new_lease(OwnerTag(1), root);
@@ -298,25 +307,12 @@ mod shuttle_tests {
     use shuttle::thread;
 
     use super::*;
-    use crate::{Access, BlockHasher, BlockId, ExtraKeys, HashKey, PoolConfig};
+    use crate::{Access, BlockId};
 
     const ITERATIONS: usize = 2000;
 
     fn setup(num_blocks: u32) -> (KvCache, BlockHasher, ChainRoot) {
-        let hasher = BlockHasher::new(&HashKey::from_bytes([3; 32]), 2);
-        let root = hasher.root(ExtraKeys {
-            model_fingerprint: b"m",
-            cache_salt: None,
-        });
-        let cache = KvCache::new(
-            PoolConfig {
-                num_blocks,
-                block_size: 2,
-            },
-            hasher.clone(),
-        )
-        .unwrap();
-        (cache, hasher, root)
+        super::test_cache(num_blocks)
     }
 
     fn toks(n: u32) -> Vec<TokenId> {

@@ -16,6 +16,21 @@ use crate::sanitizer::Sanitizer;
 use crate::session::SharedRegistry;
 use crate::{EngineConfig, SchedulerConfig};
 
+/// A greedy request for `max_tokens` that ignores end-of-sequence.
+fn request(prompt: Vec<TokenId>, max_tokens: usize, session: Option<crate::SessionId>) -> Request {
+    Request {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..StopConditions::default()
+        },
+        cache_salt: None,
+        session,
+    }
+}
+
 /// The token "sampled" after `n` tokens: any fixed rule will do here.
 fn rule(n: usize) -> TokenId {
     TokenId::new(3 + (n as u32 * 7) % 50)
@@ -85,19 +100,13 @@ impl Sim {
     pub(super) fn submit(&mut self, prompt: usize, seed: u32, max_tokens: usize) -> RequestId {
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        let req = Request {
-            prompt: (0..prompt as u32)
+        let req = request(
+            (0..prompt as u32)
                 .map(|i| TokenId::new(3 + (i * 11 + seed * 5) % 60))
                 .collect(),
-            sampling: SamplingParams::greedy(),
-            stop: StopConditions {
-                max_tokens: Some(max_tokens),
-                ignore_eos: true,
-                ..StopConditions::default()
-            },
-            cache_salt: None,
-            session: None,
-        };
+            max_tokens,
+            None,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         self.sched.add(id, req, tx);
         self.events.insert(id, rx);
@@ -313,21 +322,12 @@ impl Sim {
         self.sched.waiting.retain(|&w| w != id);
         let (tx, rx) = mpsc::unbounded_channel();
         self.events.insert(id, rx);
-        let req = Request {
-            prompt: s.tokens,
-            sampling: SamplingParams::greedy(),
-            stop: StopConditions {
-                max_tokens: Some(max_tokens),
-                ignore_eos: true,
-                ..StopConditions::default()
-            },
-            cache_salt: None,
-            session: Some(crate::SessionId {
-                model: 0,
-                model_name: "sim".into(),
-                id: sid,
-            }),
+        let session = crate::SessionId {
+            model: 0,
+            model_name: "sim".into(),
+            id: sid,
         };
+        let req = request(s.tokens, max_tokens, Some(session));
         self.sched.add(id, req, tx);
         id
     }

@@ -281,12 +281,7 @@ fn a_panic_after_lookup_returns_the_pins() {
 #[test]
 fn executorch_session_with_wrong_cache_or_destroyed_is_refused() {
     let f = Fixture::new(4, 2);
-    let config = PoolConfig {
-        num_blocks: 4,
-        block_size: 2,
-    };
-    let model_a = KvCache::new(config, f.hasher.clone()).unwrap();
-    let model_b = KvCache::new(config, f.hasher.clone()).unwrap();
+    let (model_a, model_b) = two_models(&f);
     let session = model_a.lock().new_lease(OwnerTag(7), f.root);
     let mut b = model_b.lock();
     let other = b.new_lease(OwnerTag(8), f.root); // same holder id in b's pool
@@ -512,12 +507,7 @@ fn a_block_pinned_out_of_quarantine_waits_for_its_new_window() {
 #[test]
 fn executorch_a_slot_reference_of_another_cache_is_refused() {
     let f = Fixture::new(4, 2);
-    let config = PoolConfig {
-        num_blocks: 4,
-        block_size: 2,
-    };
-    let model_a = KvCache::new(config, f.hasher.clone()).unwrap();
-    let model_b = KvCache::new(config, f.hasher.clone()).unwrap();
+    let (model_a, model_b) = two_models(&f);
     let (slot_a, _lease_a) = {
         let mut a = model_a.lock();
         let lease = a.new_lease(OwnerTag(1), f.root);
@@ -542,4 +532,16 @@ fn executorch_a_slot_reference_of_another_cache_is_refused() {
     // This cache's own reference still resolves, once.
     b.resolve(slot_b, strata_kv::TokenId::new(6)).unwrap();
     b.check_invariants().unwrap();
+}
+
+/// Two model instances' caches of 4 two-token blocks, with `f`'s hasher.
+fn two_models(f: &Fixture) -> (KvCache, KvCache) {
+    let config = PoolConfig {
+        num_blocks: 4,
+        block_size: 2,
+    };
+    (
+        KvCache::new(config, f.hasher.clone()).unwrap(),
+        KvCache::new(config, f.hasher.clone()).unwrap(),
+    )
 }
