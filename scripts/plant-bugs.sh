@@ -12,9 +12,13 @@ only=${1:-}
 
 files=(
   crates/kv/src/block_pool.rs
+  crates/kv/src/block_pool/writes.rs
+  crates/kv/src/block_pool/release.rs
+  crates/kv/src/block_pool/checks.rs
   crates/kv/src/kv_cache.rs
   crates/engine/src/executor.rs
   crates/engine/src/scheduler.rs
+  crates/engine/src/scheduler/admission.rs
   crates/engine/src/scheduler/room.rs
   crates/engine/src/scheduler/turns.rs
 )
@@ -32,24 +36,24 @@ trap 'restore; rm -rf "$backup"' EXIT
 plants=(
   # The KV core.
   "skip the pin in lookup_and_pin|crates/kv/src/block_pool.rs|s/            self\.work \+= 1;\n            self\.pin\(b\);\n/            self.work += 1;\n/"
-  "publish before complete|crates/kv/src/block_pool.rs|s/if self\.blocks\[b\.index\(\)\]\.fill_epoch <= self\.quarantine\.completed\(\) \{/if true {/"
-  "free a finished sequence head first|crates/kv/src/block_pool.rs|s/for &b in blocks\.iter\(\)\.rev\(\) \{/for &b in blocks.iter() {/"
-  "anchor the window to the first holder's epoch|crates/kv/src/block_pool.rs|s/blk\.last_use = blk\.last_use\.max\(last_epoch\);/if blk.last_use == Epoch::ZERO { blk.last_use = last_epoch; }/"
-  "reclaim every quarantined block on any completion|crates/kv/src/block_pool.rs|s/if blk\.state != BlockState::Quarantined \|\| blk\.quarantines != n \{/if blk.state != BlockState::Quarantined {/"
-  "publish under an unpublished parent|crates/kv/src/block_pool.rs|s/if !self\.parent_published\(b\) \|\| self\.index/if self.index/"
-  "do not taint what later steps built on a failed one|crates/kv/src/block_pool.rs|s/if self\.blocks\[b\.index\(\)\]\.built_on_taint\(&self\.blocks, e\) \{/if false {/"
-  "reclaim before publishing (LRU order)|crates/kv/src/block_pool.rs|s/(            for &\(b, g\) in &bucket\.written \{\n                self\.publish\(b, g\);\n            \}\n)(            self\.reclaim\(e, &bucket\.released\);\n)/\$2\$1/"
-  "resolve another pool's slot|crates/kv/src/block_pool.rs|s/if slot\.pool != self\.id \{/if false {/"
-  "let a step write into a shared block|crates/kv/src/block_pool.rs|s/\} else if access == Access::Write && blk\.refcount > 1 \{/} else if false {/"
-  "let a step read a failed step's block|crates/kv/src/block_pool.rs|s/\} else if blk\.tainted \{\n                \"written by a failed step\"\n            \} else if access == Access::Write && blk\.published/} else if false {\n                \"written by a failed step\"\n            } else if access == Access::Write \&\& blk.published/"
-  "truncation keeps a failed step's blocks|crates/kv/src/block_pool.rs|s/            if blk\.tainted \{\n                keep = keep\.min\(i \* bs\);/            if false {\n                keep = keep.min(i * bs);/"
-  "truncation keeps a cut block's generation|crates/kv/src/block_pool.rs|s/                blk\.unknown = 0;\n                blk\.generation\.bump\(\);/                blk.unknown = 0;/"
+  "publish before complete|crates/kv/src/block_pool/writes.rs|s/if self\.blocks\[b\.index\(\)\]\.fill_epoch <= self\.quarantine\.completed\(\) \{/if true {/"
+  "free a finished sequence head first|crates/kv/src/block_pool/release.rs|s/for &b in blocks\.iter\(\)\.rev\(\) \{/for &b in blocks.iter() {/"
+  "anchor the window to the first holder's epoch|crates/kv/src/block_pool/release.rs|s/blk\.last_use = blk\.last_use\.max\(last_epoch\);/if blk.last_use == Epoch::ZERO { blk.last_use = last_epoch; }/"
+  "reclaim every quarantined block on any completion|crates/kv/src/block_pool/writes.rs|s/if blk\.state != BlockState::Quarantined \|\| blk\.quarantines != n \{/if blk.state != BlockState::Quarantined {/"
+  "publish under an unpublished parent|crates/kv/src/block_pool/writes.rs|s/if !self\.parent_published\(b\) \|\| self\.index/if self.index/"
+  "do not taint what later steps built on a failed one|crates/kv/src/block_pool/writes.rs|s/if self\.blocks\[b\.index\(\)\]\.built_on_taint\(&self\.blocks, e\) \{/if false {/"
+  "reclaim before publishing (LRU order)|crates/kv/src/block_pool/writes.rs|s/(            for &\(b, g\) in &bucket\.written \{\n                self\.publish\(b, g\);\n            \}\n)(            self\.reclaim\(e, &bucket\.released\);\n)/\$2\$1/"
+  "resolve another pool's slot|crates/kv/src/block_pool/writes.rs|s/if slot\.pool != self\.id \{/if false {/"
+  "let a step write into a shared block|crates/kv/src/block_pool/checks.rs|s/\} else if access == Access::Write && blk\.refcount > 1 \{/} else if false {/"
+  "let a step read a failed step's block|crates/kv/src/block_pool/checks.rs|s/\} else if blk\.tainted \{\n                \"written by a failed step\"\n            \} else if access == Access::Write && blk\.published/} else if false {\n                \"written by a failed step\"\n            } else if access == Access::Write \&\& blk.published/"
+  "truncation keeps a failed step's blocks|crates/kv/src/block_pool/release.rs|s/            if blk\.tainted \{\n                keep = keep\.min\(i \* bs\);/            if false {\n                keep = keep.min(i * bs);/"
+  "truncation keeps a cut block's generation|crates/kv/src/block_pool/release.rs|s/                blk\.unknown = 0;\n                blk\.generation\.bump\(\);/                blk.unknown = 0;/"
   "drop the rest of the release queue|crates/kv/src/kv_cache.rs|s/lock\(&self\.shared\.released\)\.pop_front\(\)/lock(\&self.shared.released).drain(..).next()/"
   # The engine.
   "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
   "no accesses recorded|crates/engine/src/scheduler.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
   "poisoning skipped|crates/engine/src/executor.rs|s/for &b in &step\.poison \{\n            self\.runner\.poison\(b\);/for \&b in \&step.poison {\n            let _ = b;/"
-  "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler.rs|s/if peek\.hit\.pending\.is_some\(\) \{/if false {/; s/if peek\.hit\.pending\.is_some\(\) \|\| /if /"
+  "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler/admission.rs|s/if peek\.hit\.pending\.is_some\(\) \{/if false {/; s/if peek\.hit\.pending\.is_some\(\) \|\| /if /"
   "preempt every running request|crates/engine/src/scheduler/room.rs|s/            if gain\(g, &chosen\)\? >= short \{\n                break;\n            \}\n            chosen\.push\(giver\);/            chosen.push(giver);/; s/if gain\(g, &without\)\? >= short \{/if false {/"
   "unpin every idle session|crates/engine/src/scheduler/room.rs|s/if gain\(g, &chosen\)\? >= short \{/if gain(g, \&chosen)? >= short \&\& !matches!(giver, Giver::Session(..)) {/; s/if gain\(g, &without\)\? >= short \{/if gain(g, \&without)? >= short \&\& !matches!(chosen[k], Giver::Session(..)) {/"
   "unpin idle sessions that free nothing|crates/engine/src/scheduler/room.rs|s/if gain\(g, &without\)\? >= short \{/if false {/"
@@ -58,7 +62,7 @@ plants=(
   "ignore the blocks the step in flight gives back|crates/engine/src/scheduler/room.rs|s/self\.in_flight\.map_or\(0, \|e\| g\.returning_by\(e\)\) \+ self\.finishing/self.finishing/"
   "preempt older requests too|crates/engine/src/scheduler/room.rs|s/\.take_while\(\|&&v\| v > id\)/.filter(|\&\&v| v != id)/"
   "run the rows planned on top of a failed step|crates/engine/src/executor.rs|s/                    self\.last\.remove\(&r\.seq\);\n                    self\.doomed\.insert\(r\.seq\);/                    self.last.remove(\&r.seq);/"
-  "look up and pin before deciding to admit|crates/engine/src/scheduler.rs|s/let peek = g\.peek_prefix\(&seq\)\?;/let peek = g.peek_prefix(\&seq)?;\n                drop(g.lookup_and_pin(OwnerTag(id.get()), \&seq)?);/"
+  "look up and pin before deciding to admit|crates/engine/src/scheduler/admission.rs|s/let peek = g\.peek_prefix\(&seq\)\?;/let peek = g.peek_prefix(\&seq)?;\n                drop(g.lookup_and_pin(OwnerTag(id.get()), \&seq)?);/"
 )
 
 status=0

@@ -12,6 +12,7 @@
 //!             "the token the previous step samples" if computed == T, p == 1
 //! ```
 
+mod admission;
 mod room;
 mod turns;
 
@@ -20,8 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use strata_kv::{
-    Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, KvCache, KvError, Lease, OwnerTag,
-    PoolGuard, TokenId,
+    Access, BlockHasher, BlockId, ChainRoot, Epoch, ExtraKeys, KvCache, KvError, Lease, PoolGuard,
+    TokenId,
 };
 use strata_model::{SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
@@ -33,6 +34,7 @@ use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
 
+use admission::Admission;
 use room::Room;
 
 /// Scheduling limits.
@@ -120,15 +122,6 @@ pub struct Counters {
     pub waiting: usize,
     /// Requests running.
     pub running: usize,
-}
-
-/// What admitting a waiting request gave.
-enum Admission {
-    Admitted,
-    /// It stays first in line.
-    Wait,
-    /// It was finished (an error) and left the line.
-    Gone,
 }
 
 /// What planning one request's row gave.
@@ -518,139 +511,6 @@ impl Scheduler {
             retire: std::mem::take(&mut self.retire),
             poison: std::mem::take(&mut self.fresh),
         }))
-    }
-
-    /// A session turn's tokens become the conversation so far, then its
-    /// prompt. `false`: not yet (the previous turn's hand-over waits for
-    /// the step in flight), or never (the turn was finished with an error).
-    fn join_conversation(&mut self, id: RequestId) -> bool {
-        let s = &self.seqs[&id];
-        let Some(sid) = s.session.filter(|_| !s.joined) else {
-            return true;
-        };
-        let Some(sess) = self.sessions.get(&sid) else {
-            self.finish(
-                id,
-                FinishReason::Error(format!("session {sid} was destroyed")),
-            );
-            return false;
-        };
-        if sess.handover.is_some() {
-            return false;
-        }
-        let total = sess.tokens.len() + s.tokens.len();
-        if total >= self.context {
-            // A session's conversation can outgrow the context.
-            self.finish(
-                id,
-                FinishReason::Error(format!(
-                    "the conversation has {total} tokens; this model's maximum context length is {} tokens",
-                    self.context
-                )),
-            );
-            return false;
-        }
-        let mut tokens = sess.tokens.clone();
-        let s = self.seqs.get_mut(&id).expect("checked above");
-        tokens.extend_from_slice(&s.tokens);
-        s.tokens = tokens;
-        s.prompt_len = total;
-        s.max_tokens = s.max_asked.min(self.context - total);
-        s.joined = true;
-        true
-    }
-
-    /// Looks up and pins the prefix of a waiting request, then allocates
-    /// blocks for the rest of its known tokens. `Wait`: not now (its pins
-    /// are dropped); `Gone`: it was finished instead.
-    fn admit(
-        &mut self,
-        g: &mut PoolGuard<'_>,
-        room: &mut Room,
-        id: RequestId,
-    ) -> Result<Admission, KvError> {
-        if self.seqs[&id].outstanding > 0 {
-            // Preempted with a sample still coming back: wait for it.
-            return Ok(Admission::Wait);
-        }
-        if !self.join_conversation(id) {
-            return Ok(if self.seqs.get(&id).is_some_and(|s| !s.finished) {
-                Admission::Wait
-            } else {
-                Admission::Gone
-            });
-        }
-        // Keep a block of headroom per running request for its decode, so
-        // a new admission does not force the next step to preempt.
-        let reserve = self.running.len();
-        let s = &self.seqs[&id];
-        let blocks = s.tokens.len().div_ceil(self.block_size);
-        // A session's turn takes the session's pinned blocks.
-        let sid = s.session;
-        let carried = sid
-            .and_then(|sid| self.sessions.get_mut(&sid))
-            .and_then(|x| x.lease.take());
-        let (lease, hit_blocks, hit_tokens) = match carried {
-            Some(lease) => {
-                let t = g.len_tokens(lease.id())?;
-                let b = g.table(lease.id())?.len();
-                if !self.room_for_admission(g, room, blocks - b + reserve, &[])? {
-                    // Wait, holding nothing; the pins go back to the session
-                    // (where pressure may take them).
-                    if let Some(x) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
-                        x.lease = Some(lease);
-                    }
-                    return Ok(Admission::Wait);
-                }
-                (lease, b, t)
-            }
-            None => {
-                let mut seq = self.hasher.sequence(s.root);
-                seq.extend(&s.tokens);
-                // Decide on a look that pins nothing: a request that waits
-                // must not reorder the LRU queue or count as a lookup each
-                // time it retries.
-                let peek = g.peek_prefix(&seq)?;
-                if peek.hit.pending.is_some() {
-                    self.counters.waits_for_pending += 1;
-                    return Ok(Admission::Wait);
-                }
-                // Pinning takes the free hit blocks out of the free queue;
-                // an idle session holding hit blocks frees nothing by them.
-                let want = |p: &strata_kv::PrefixPeek| blocks - p.hit.blocks + reserve + p.free;
-                if !self.room_for_admission(g, room, want(&peek), &peek.blocks)? {
-                    return Ok(Admission::Wait);
-                }
-                // Unpinning may have changed what the prefix hits: look
-                // again before pinning (nothing is pinned yet).
-                let peek = g.peek_prefix(&seq)?;
-                if peek.hit.pending.is_some() || room.available_now(g) < want(&peek) {
-                    return Ok(Admission::Wait);
-                }
-                let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
-                debug_assert_eq!(hit, peek.hit, "a look and the lookup under one lock agree");
-                (lease, hit.blocks, hit.tokens)
-            }
-        };
-        let need = blocks - hit_blocks;
-        debug_assert!(need <= g.free_blocks(), "the room was checked");
-        g.allocate(&lease, need)?;
-        if self.config.sanitize {
-            self.fresh
-                .extend_from_slice(&g.table(lease.id())?[hit_blocks..]);
-        }
-        self.counters.prompt_tokens += self.seqs[&id].tokens.len() as u64;
-        self.counters.cached_tokens += hit_tokens as u64;
-        let s = self.seqs.get_mut(&id).expect("waiting requests exist");
-        s.computed = hit_tokens;
-        s.lease = Some(lease);
-        if s.cached_tokens.is_none() {
-            s.cached_tokens = Some(hit_tokens);
-            let _ = s.events.send(Event::Admitted {
-                cached_tokens: hit_tokens,
-            });
-        }
-        Ok(Admission::Admitted)
     }
 
     /// The row of running request `id` in this step, writing its tokens
