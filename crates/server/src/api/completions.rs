@@ -1,0 +1,125 @@
+//! `POST /v1/completions`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use strata_kv::TokenId;
+
+use super::generation::{Kind, Submission, Turn, submit};
+use super::sessions::{release_session, take_session};
+use super::{Shared, begin, check_model, salt};
+use crate::error::ApiError;
+use crate::openai::{self, CompletionRequest, Prompt};
+use crate::state::Loaded;
+
+/// The prompt of a completion: text (special-token strings are parsed, as
+/// Hugging Face tokenizers do for raw prompts) or token ids.
+pub(super) fn completion_prompt(
+    l: &Loaded,
+    p: &Prompt,
+) -> Result<(Vec<TokenId>, String), ApiError> {
+    let ids = |v: &[i64]| -> Result<Vec<TokenId>, ApiError> {
+        v.iter()
+            .map(|&t| {
+                if t < 0 || t as usize >= l.vocab {
+                    Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {t} is outside the vocabulary (0..{})", l.vocab),
+                    ))
+                } else {
+                    Ok(TokenId::new(t as u32))
+                }
+            })
+            .collect()
+    };
+    let text = |s: &str| -> Result<(Vec<TokenId>, String), ApiError> {
+        let t = l
+            .tokenizer
+            .encode_with_specials(s)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        Ok((t, s.to_string()))
+    };
+    let one = |n: usize| -> Result<(), ApiError> {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                "prompt",
+                format!("one prompt per request is supported, got {n}"),
+            ))
+        }
+    };
+    match p {
+        Prompt::Text(s) => text(s),
+        Prompt::Texts(v) => {
+            one(v.len())?;
+            text(&v[0])
+        }
+        Prompt::Tokens(v) => {
+            let t = ids(v)?;
+            let s = l.tokenizer.decode(&t, true);
+            Ok((t, s))
+        }
+        Prompt::TokenLists(v) => {
+            one(v.len())?;
+            let t = ids(&v[0])?;
+            let s = l.tokenizer.decode(&t, true);
+            Ok((t, s))
+        }
+    }
+}
+
+pub(super) async fn completions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body)?;
+    check_model(&l, req.common.model.as_deref())?;
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(n) => Some(openai::top_logprobs("logprobs", Some(n))?),
+    };
+    let checked = req.common.check(l.vocab, logprobs.unwrap_or(0))?;
+    let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
+    let (prompt, text) = completion_prompt(&l, &req.prompt)?;
+    if state.args.log_text {
+        tracing::info!(prompt = %text, "completion request text");
+    }
+    let turn = match &req.common.session {
+        None => None,
+        Some(key) => {
+            let (sid, history, _, _) = take_session(&state, t, key)?;
+            if !history.is_empty() {
+                release_session(&state, key);
+                return Err(ApiError::invalid(
+                    "session",
+                    "this session holds a chat conversation; continue it with /v1/chat/completions",
+                ));
+            }
+            if let Some(s) = state.sessions().get_mut(key) {
+                s.raw = true;
+            }
+            Some((
+                Turn {
+                    key: key.clone(),
+                    messages: None,
+                },
+                sid,
+            ))
+        }
+    };
+    let sub = Submission {
+        kind: Kind::Completion,
+        prompt,
+        checked,
+        logprobs,
+        salt,
+        turn,
+        echo: req.echo.then_some(text),
+        tenant: t.index,
+    };
+    submit(state.clone(), l, &req.common, sub).await
+}

@@ -1,0 +1,173 @@
+//! The HTTP API: the routes, and what every endpoint starts with (the
+//! caller's tenant, the loaded model, the parsed body). Each endpoint lives
+//! in its own file; `error.rs` is the one place errors become HTTP.
+
+mod chat;
+mod completions;
+mod generation;
+mod models;
+mod ops;
+mod sessions;
+mod stream;
+mod tokenize;
+mod whole;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{delete, get, post};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::{AppState, Loaded, Tenant};
+
+type Shared = Arc<AppState>;
+
+/// Every route of the server.
+pub(crate) fn router(state: Shared) -> Router {
+    let limit = usize::try_from(state.args.max_body).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/models", get(models::models))
+        .route("/v1/models/{id}", get(models::model))
+        .route("/v1/chat/completions", post(chat::chat))
+        .route("/v1/completions", post(completions::completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route(
+            "/v1/sessions",
+            post(sessions::create_session).get(sessions::list_sessions),
+        )
+        .route("/v1/sessions/{id}", delete(sessions::delete_session))
+        .route("/admin/clear_prefix_cache", post(ops::clear_prefix_cache))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::bad_request("this method is not allowed on this endpoint")
+    }
+}
+
+/// The tenant of a request, or 401.
+fn tenant<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Tenant, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    state.tenant(bearer).ok_or_else(ApiError::unauthorized)
+}
+
+/// The loaded model, or 503 while it loads.
+fn loaded(state: &AppState) -> Result<Arc<Loaded>, ApiError> {
+    state
+        .loaded
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::unavailable("the model is still loading", 2))
+}
+
+/// What every JSON endpoint starts with: the caller's tenant (401), the
+/// model (503 while loading), the parsed body.
+fn begin<'a, T: DeserializeOwned>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(&'a Tenant, Arc<Loaded>, T), ApiError> {
+    let t = tenant(state, headers)?;
+    let l = loaded(state)?;
+    let req = parse(headers, body, state.args.max_body)?;
+    Ok((t, l, req))
+}
+
+/// Parses a JSON body: 415 for another content type, 413 over the size
+/// limit, 400 for invalid UTF-8 or malformed JSON, 422 for JSON of the wrong
+/// shape.
+fn parse<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: u64,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                ..ApiError::bad_request(format!("the request body is larger than {limit} bytes"))
+            }
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {r}"))
+        }
+    })?;
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ..ApiError::bad_request("send the body as JSON with `Content-Type: application/json`")
+        });
+    }
+    if std::str::from_utf8(&body).is_err() {
+        return Err(ApiError::bad_request("the request body is not valid UTF-8"));
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            ..ApiError::bad_request(format!("the request does not match the API: {e}"))
+        },
+        _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+    })
+}
+
+fn check_model(l: &Loaded, asked: Option<&str>) -> Result<(), ApiError> {
+    match asked {
+        Some(m) if m != l.name => Err(ApiError {
+            param: Some("model"),
+            ..ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "The model `{m}` does not exist. This server serves `{}`.",
+                    l.name
+                ),
+            )
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The cache salt of a request: the tenant's, combined with the client's
+/// if the operator allows client salts.
+fn salt(state: &AppState, t: &Tenant, client: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
+    match client {
+        None => Ok(t.salt.clone()),
+        Some(_) if !state.args.allow_client_salt => Err(ApiError::invalid(
+            "cache_salt",
+            "this server does not accept cache_salt from clients (the operator can allow it with --allow-client-salt)",
+        )),
+        Some(c) => {
+            let mut s = t.salt.clone().unwrap_or_default();
+            s.extend_from_slice(b"\x00client\x00");
+            s.extend_from_slice(c.as_bytes());
+            Ok(Some(s))
+        }
+    }
+}

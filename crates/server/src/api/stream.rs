@@ -1,0 +1,146 @@
+//! A generation answered as server-sent events.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::generation::{Generation, Kind, Step, TextLogprobs};
+use crate::state::unix_now;
+
+/// A streamed generation: server-sent events, one chunk per token, a last
+/// chunk with the finish reason, the usage if asked for, then `[DONE]`.
+pub(super) struct Streamer {
+    g: Generation,
+    include_usage: bool,
+    queue: VecDeque<String>,
+    started: bool,
+    over: bool,
+    created: u64,
+}
+
+impl Streamer {
+    /// A chunk with these choices (and `usage`, null unless given, when the
+    /// client asked for usage).
+    fn chunk_with(&self, choices: Value, usage: Value) -> String {
+        let object = match self.g.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.g.id,
+            "object": object,
+            "created": self.created,
+            "model": self.g.loaded.name,
+            "choices": choices,
+        });
+        if self.include_usage {
+            v["usage"] = usage;
+        }
+        v.to_string()
+    }
+
+    fn chunk(&self, choice: Value) -> String {
+        self.chunk_with(json!([choice]), Value::Null)
+    }
+
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(s) = self.queue.pop_front() {
+                return Some(s);
+            }
+            if self.over {
+                return None;
+            }
+            if !self.started {
+                self.started = true;
+                match self.g.kind {
+                    Kind::Chat => {
+                        let c = self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+                        self.queue.push_back(c);
+                    }
+                    Kind::Completion => {
+                        if let Some(e) = self.g.echo.clone() {
+                            let c = self.chunk(json!({"index": 0, "text": e, "logprobs": null, "finish_reason": null}));
+                            self.queue.push_back(c);
+                        }
+                    }
+                }
+                continue;
+            }
+            match self.g.next().await {
+                Ok(Step::Token {
+                    id,
+                    logprob,
+                    top,
+                    text,
+                }) => {
+                    let offset = self.g.echo.as_ref().map_or(0, String::len) + self.g.text.len()
+                        - text.len();
+                    let choice = match self.g.kind {
+                        Kind::Chat => json!({
+                            "index": 0,
+                            "delta": {"content": text},
+                            "logprobs": self.g.logprobs.map(|_| json!({"content": [self.g.chat_logprob(id, logprob, &top)]})),
+                            "finish_reason": null,
+                        }),
+                        Kind::Completion => {
+                            let lp = self.g.logprobs.map(|_| {
+                                let mut l = TextLogprobs::default();
+                                l.push(&self.g.loaded.tokenizer, offset, id, logprob, &top);
+                                l.json()
+                            });
+                            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                    };
+                    let c = self.chunk(choice);
+                    self.queue.push_back(c);
+                }
+                Ok(Step::Done { reason, usage }) => {
+                    let last = match self.g.kind {
+                        Kind::Chat => {
+                            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
+                        }
+                        Kind::Completion => {
+                            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
+                        }
+                    };
+                    let c = self.chunk(last);
+                    self.queue.push_back(c);
+                    if self.include_usage {
+                        let c = self.chunk_with(json!([]), Generation::usage_json(&usage));
+                        self.queue.push_back(c);
+                    }
+                    self.queue.push_back("[DONE]".into());
+                    self.over = true;
+                }
+                Err(e) => {
+                    // Errors inside a stream are an event with OpenAI's
+                    // error object, then the end.
+                    self.queue.push_back(e.body().to_string());
+                    self.queue.push_back("[DONE]".into());
+                    self.over = true;
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
+    let s = Streamer {
+        g,
+        include_usage,
+        queue: VecDeque::new(),
+        started: false,
+        over: false,
+        created: unix_now(),
+    };
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        s.next()
+            .await
+            .map(|d| (Ok::<_, Infallible>(SseEvent::default().data(d)), s))
+    });
+    Sse::new(stream).into_response()
+}
