@@ -2,10 +2,11 @@
 //! a file the user names) rendered with minijinja, with the usual Hugging
 //! Face variables.
 //!
-//! User text never becomes special tokens. Each message's content is
-//! rendered as a private-use sentinel; the rendered text is split at the
-//! sentinels, the template's own text is tokenized with special tokens
-//! recognised, and each content is tokenized as plain text.
+//! User text never becomes special tokens. Each message's content (and
+//! name, if it has one) is rendered as a private-use sentinel; the rendered
+//! text is split at the sentinels, the template's own text is tokenized with
+//! special tokens recognised, and each content or name is tokenized as plain
+//! text. Roles are not user text: the server admits only OpenAI's five.
 
 use minijinja::{Environment, Error, ErrorKind, context};
 use strata_store::TokenId;
@@ -20,6 +21,8 @@ pub struct ChatMessage {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// A participant's name, if given (templates see it as `name`).
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -28,7 +31,14 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            name: None,
         }
+    }
+
+    /// The same message with a participant's name.
+    pub fn with_name(mut self, name: Option<String>) -> Self {
+        self.name = name;
+        self
     }
 }
 
@@ -37,6 +47,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    developer: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -70,7 +81,14 @@ impl ChatTemplate {
             env,
             bos: bos.into(),
             eos: eos.into(),
+            developer: source.contains("'developer'") || source.contains("\"developer\""),
         })
+    }
+
+    /// Whether the template names the `developer` role (OpenAI's newer name
+    /// for system instructions); if not, callers render it as `system`.
+    pub fn knows_developer(&self) -> bool {
+        self.developer
     }
 
     /// The template a GGUF file carries, if any.
@@ -96,7 +114,10 @@ impl ChatTemplate {
     ) -> Result<String, ModelError> {
         let msgs: Vec<_> = messages
             .iter()
-            .map(|m| context! { role => &m.role, content => &m.content })
+            .map(|m| match &m.name {
+                None => context! { role => &m.role, content => &m.content },
+                Some(n) => context! { role => &m.role, content => &m.content, name => n },
+            })
             .collect();
         self.render_values(msgs, add_generation_prompt)
     }
@@ -133,7 +154,10 @@ impl ChatTemplate {
             // render them for real, which is safe only if no content holds a
             // special-token string.
             None => {
-                if messages.iter().any(|m| tok.contains_special(&m.content)) {
+                if messages.iter().any(|m| {
+                    tok.contains_special(&m.content)
+                        || m.name.as_deref().is_some_and(|n| tok.contains_special(n))
+                }) {
                     return Err(ModelError::Template(
                         "this template rewrites message content, and a message contains a special-token string; refusing to tokenize it as a special token".into(),
                     ));
@@ -170,13 +194,19 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         from: usize,
     ) -> Result<Option<Vec<TokenId>>, ModelError> {
+        let n = messages.len();
         let placeholders: Vec<_> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| context! { role => &m.role, content => sentinel(i) })
+            .map(|(i, m)| match &m.name {
+                None => context! { role => &m.role, content => sentinel(i) },
+                Some(_) => {
+                    context! { role => &m.role, content => sentinel(i), name => sentinel(n + i) }
+                }
+            })
             .collect();
         let rendered = self.render_values(placeholders, add_generation_prompt)?;
-        let Some(pieces) = split_at_sentinels(&rendered, messages.len()) else {
+        let Some(pieces) = split_at_sentinels(&rendered, messages) else {
             return Ok(None);
         };
         let mut out = Vec::new();
@@ -186,7 +216,10 @@ impl ChatTemplate {
                 Piece::Content(i) if i + 1 == from => started = true,
                 _ if !started => {}
                 Piece::Template(t) => out.extend(tok.encode_with_specials(t)?),
-                Piece::Content(i) => out.extend(tok.encode(&messages[i].content)?),
+                Piece::Content(i) if i < n => out.extend(tok.encode(&messages[i].content)?),
+                Piece::Content(i) => {
+                    out.extend(tok.encode(messages[i - n].name.as_deref().unwrap_or(""))?);
+                }
             }
         }
         Ok(Some(out))
@@ -195,24 +228,36 @@ impl ChatTemplate {
 
 enum Piece<'a> {
     Template(&'a str),
+    /// A content (`i < n`) or a name (`n + i`).
     Content(usize),
 }
 
-/// Splits rendered text at the sentinels, if each appears exactly once, in
-/// order, and nothing else looks like one.
-fn split_at_sentinels(s: &str, n: usize) -> Option<Vec<Piece<'_>>> {
+/// Splits rendered text at the sentinels: the contents' (`0..n`) must each
+/// appear exactly once, in order; the names' (`n..2n`) at most once each,
+/// only for messages that have a name; nothing else may look like one.
+fn split_at_sentinels<'a>(s: &'a str, messages: &[ChatMessage]) -> Option<Vec<Piece<'a>>> {
+    let n = messages.len();
     let mut out = Vec::new();
     let mut rest = s;
     let mut next = 0;
+    let mut names = vec![false; n];
     while let Some(at) = rest.find(OPEN) {
         let end = rest[at..].find(CLOSE)? + at;
         let i: usize = rest[at + OPEN.len_utf8()..end].parse().ok()?;
-        if i != next {
-            return None;
+        if i < n {
+            if i != next {
+                return None;
+            }
+            next += 1;
+        } else {
+            let seen = names.get_mut(i - n)?;
+            if *seen || messages[i - n].name.is_none() {
+                return None;
+            }
+            *seen = true;
         }
         out.push(Piece::Template(&rest[..at]));
         out.push(Piece::Content(i));
-        next += 1;
         rest = &rest[end + CLOSE.len_utf8()..];
     }
     out.push(Piece::Template(rest));

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use strata_store::TokenId;
 use tokenizers::PreTokenizerWrapper;
@@ -33,6 +34,9 @@ pub struct Tokenizer {
     /// Control and user-defined tokens, longest first, for matching in
     /// template text.
     specials: Vec<(String, TokenId)>,
+    /// One automaton over every special-token string (leftmost-longest),
+    /// so finding them all is one pass over the text, whatever their number.
+    finder: AhoCorasick,
     is_special: Vec<bool>,
     bytes: Vec<Vec<u8>>,
     eos: Vec<TokenId>,
@@ -166,7 +170,7 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| {
                 let ty = types.get(i).copied().unwrap_or(1);
-                if ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED {
+                if (ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED) && !t.is_empty() {
                     specials.push((t.clone(), TokenId::new(i as u32)));
                     is_special[i] = ty == TYPE_CONTROL;
                     return t.as_bytes().to_vec();
@@ -179,6 +183,10 @@ impl Tokenizer {
             })
             .collect();
         specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(specials.iter().map(|(s, _)| s.as_str()))
+            .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
         let mut eos: Vec<TokenId> = opt_id(c, "tokenizer.ggml.eos_token_id")
             .into_iter()
             .collect();
@@ -200,6 +208,7 @@ impl Tokenizer {
         Ok(Self {
             bpe: tk,
             specials,
+            finder,
             is_special,
             bytes,
             eos,
@@ -224,26 +233,17 @@ impl Tokenizer {
     /// Tokenizes text in which special-token strings are those tokens (for
     /// the chat template's own markers, never for user text).
     pub fn encode_with_specials(&self, text: &str) -> Result<Vec<TokenId>, ModelError> {
+        // One leftmost-longest pass: at each position the longest special
+        // string wins, as the old longest-first scan chose, but the text is
+        // read once instead of once per match and per special token.
         let mut out = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let found = self
-                .specials
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)));
-            match found {
-                Some((at, len, id)) => {
-                    out.extend(self.encode(&rest[..at])?);
-                    out.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    out.extend(self.encode(rest)?);
-                    break;
-                }
-            }
+        let mut at = 0;
+        for m in self.finder.find_iter(text) {
+            out.extend(self.encode(&text[at..m.start()])?);
+            out.push(self.specials[m.pattern().as_usize()].1);
+            at = m.end();
         }
+        out.extend(self.encode(&text[at..])?);
         Ok(out)
     }
 
@@ -293,6 +293,13 @@ impl Tokenizer {
     /// Whether prompts get the BOS token prepended.
     pub fn add_bos(&self) -> bool {
         self.add_bos
+    }
+
+    /// The most bytes one token stands for: a text of more than
+    /// `n * max_token_bytes()` bytes cannot be `n` tokens or fewer, so it can
+    /// be refused for a context of `n` before it is tokenized.
+    pub fn max_token_bytes(&self) -> usize {
+        self.bytes.iter().map(Vec::len).max().unwrap_or(1).max(1)
     }
 
     /// Vocabulary size.
@@ -366,6 +373,6 @@ impl Detokenizer {
 impl Tokenizer {
     /// Whether `text` contains any special-token string.
     pub fn contains_special(&self, text: &str) -> bool {
-        self.specials.iter().any(|(s, _)| text.contains(s.as_str()))
+        self.finder.is_match(text)
     }
 }
