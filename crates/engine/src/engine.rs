@@ -8,7 +8,7 @@
 //!                  └────────┴───────────── StepResult ◄───┘
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, TokenId};
 use strata_model::Tokenizer;
@@ -119,6 +119,32 @@ enum Msg {
     ListSessions(std_mpsc::Sender<Vec<SessionInfo>>),
     Debug(std_mpsc::Sender<String>),
     Shutdown,
+    /// The executor thread panicked (its message).
+    ExecutorDied(String),
+}
+
+/// Sets its flag to false when dropped: the thread that holds it ended,
+/// normally or by a panic.
+struct AliveGuard(std::sync::Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Tells the scheduler when the executor thread dies by a panic (the
+/// scheduler would otherwise wait for its step forever).
+struct DeathNotice(std_mpsc::Sender<Msg>);
+
+impl Drop for DeathNotice {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self
+                .0
+                .send(Msg::ExecutorDied("the executor thread panicked".into()));
+        }
+    }
 }
 
 /// What the engine reports about itself.
@@ -149,6 +175,8 @@ pub struct Engine {
     registry: SharedRegistry,
     next_session: AtomicU64,
     has_tokenizer: bool,
+    /// False once the scheduler thread has ended (shut down, or died).
+    alive: std::sync::Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -194,10 +222,12 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
+        let notice = DeathNotice(tx.clone());
         let mut executor = Executor::new(runner, cache.clone(), sanitizer.clone());
         let exec = thread::Builder::new()
             .name("strata-executor".into())
             .spawn(move || {
+                let _notice = notice;
                 while let Ok(step) = step_rx.recv() {
                     if done_tx.send(Msg::Done(executor.run(step))).is_err() {
                         break;
@@ -207,9 +237,13 @@ impl Engine {
             .map_err(|e| EngineError::Config(e.to_string()))?;
         let counters = Arc::new(Mutex::new(Counters::default()));
         let shared = counters.clone();
+        let alive = std::sync::Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
+        let alive_flag = alive.clone();
         let sched = thread::Builder::new()
             .name("strata-scheduler".into())
             .spawn(move || {
+                let _guard = guard;
                 let mut outstanding = 0usize;
                 let mut stopping = false;
                 // Requests wait but no row could be planned and no step is
@@ -264,6 +298,15 @@ impl Engine {
                             stopping = true;
                             scheduler.abort_all();
                         }
+                        Some(Msg::ExecutorDied(why)) => {
+                            // No step will complete again: fail every
+                            // request now and stop (new ones get Stopped).
+                            // Not alive first, so a client that sees its
+                            // failure also sees why.
+                            alive_flag.store(false, Ordering::Release);
+                            scheduler.fail_all(&why);
+                            break;
+                        }
                         None => {}
                     }
                     scheduler.reap_disconnected();
@@ -315,7 +358,14 @@ impl Engine {
             registry,
             next_session: AtomicU64::new(1),
             has_tokenizer: config.tokenizer.is_some(),
+            alive,
         })
+    }
+
+    /// Whether the engine still runs requests: false once its scheduler
+    /// thread has ended (shut down, or died with its executor).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// The context limit in force (after clamping to the arena).
@@ -367,10 +417,21 @@ impl Engine {
         }
         if let Some(s) = &req.session {
             self.own_session(s)?;
-            match session::lock(&self.registry).start_turn(s.id) {
+            let mut r = session::lock(&self.registry);
+            let held = r.tokens(s.id);
+            match r.start_turn(s.id) {
                 None => return Err(EngineError::UnknownSession(s.to_string())),
                 Some(false) => return Err(EngineError::SessionBusy(s.to_string())),
                 Some(true) => {}
+            }
+            // The conversation so far counts against the context too.
+            if held + req.prompt.len() + max_tokens > self.context {
+                r.end_turn(s.id, None);
+                return Err(EngineError::ContextExceeded {
+                    context: self.context,
+                    prompt: held + req.prompt.len(),
+                    max_tokens,
+                });
             }
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -378,7 +439,7 @@ impl Engine {
         let session = req.session.clone();
         if self.tx.send(Msg::Submit(id, req, tx)).is_err() {
             if let Some(s) = session {
-                session::lock(&self.registry).end_turn(s.id);
+                session::lock(&self.registry).end_turn(s.id, None);
             }
             return Err(EngineError::Stopped);
         }

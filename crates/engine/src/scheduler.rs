@@ -401,6 +401,19 @@ impl Scheduler {
         }
     }
 
+    /// Fails everything (the executor died: no step will complete).
+    pub(crate) fn fail_all(&mut self, why: &str) {
+        let ids: Vec<RequestId> = self
+            .seqs
+            .values()
+            .filter(|s| !s.finished)
+            .map(|s| s.id)
+            .collect();
+        for id in ids {
+            self.finish(id, FinishReason::Error(why.to_string()));
+        }
+    }
+
     /// Plans the next step, or `None` if there is nothing to run.
     pub(crate) fn plan(&mut self, overlapped: bool) -> Result<Option<Step>, KvError> {
         if !self.has_work() {

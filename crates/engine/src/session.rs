@@ -48,10 +48,18 @@ pub struct SessionInfo {
     pub busy: bool,
 }
 
-/// The synchronous side: which sessions exist and which have a turn running.
+/// The synchronous side: which sessions exist, which have a turn running,
+/// and how many tokens each conversation holds (so a turn that would pass
+/// the context is refused when it is submitted, not failed later).
 #[derive(Default)]
 pub(crate) struct Registry {
-    busy: HashMap<u64, bool>,
+    sessions: HashMap<u64, Entry>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Entry {
+    busy: bool,
+    tokens: usize,
 }
 
 pub(crate) type SharedRegistry = Arc<Mutex<Registry>>;
@@ -62,28 +70,38 @@ pub(crate) fn lock(r: &SharedRegistry) -> MutexGuard<'_, Registry> {
 
 impl Registry {
     pub(crate) fn create(&mut self, id: u64) {
-        self.busy.insert(id, false);
+        self.sessions.insert(id, Entry::default());
     }
 
     /// Marks a turn started; `None` if there is no such session, `Some(false)`
     /// if a turn is already running.
     pub(crate) fn start_turn(&mut self, id: u64) -> Option<bool> {
-        let busy = self.busy.get_mut(&id)?;
-        if *busy {
+        let e = self.sessions.get_mut(&id)?;
+        if e.busy {
             return Some(false);
         }
-        *busy = true;
+        e.busy = true;
         Some(true)
     }
 
-    pub(crate) fn end_turn(&mut self, id: u64) {
-        if let Some(b) = self.busy.get_mut(&id) {
-            *b = false;
+    /// The turn is over; `tokens`: the conversation's new length, if the
+    /// turn completed.
+    pub(crate) fn end_turn(&mut self, id: u64, tokens: Option<usize>) {
+        if let Some(e) = self.sessions.get_mut(&id) {
+            e.busy = false;
+            if let Some(t) = tokens {
+                e.tokens = t;
+            }
         }
     }
 
+    /// The tokens a session's conversation holds (0 for no such session).
+    pub(crate) fn tokens(&self, id: u64) -> usize {
+        self.sessions.get(&id).map_or(0, |e| e.tokens)
+    }
+
     pub(crate) fn remove(&mut self, id: u64) -> bool {
-        self.busy.remove(&id).is_some()
+        self.sessions.remove(&id).is_some()
     }
 }
 

@@ -95,16 +95,18 @@ impl Scheduler {
     /// tokens wait, with its lease, for the hand-over; any other leaves the
     /// session as it was.
     pub(super) fn end_turn_of(&mut self, id: RequestId, sid: u64, reason: &FinishReason) {
+        let mut tokens = None;
         if matches!(reason, FinishReason::Stop | FinishReason::Length)
             && self.sessions.contains_key(&sid)
         {
             let handover = self.conversation(id);
+            tokens = Some(handover.0.len());
             self.seqs.get_mut(&id).expect("a known turn").handover = Some(handover);
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.handover = Some(id);
             }
         }
-        self.end_turn(sid);
+        self.end_turn(sid, tokens);
     }
 
     /// What a completed turn leaves its session: the conversation's tokens,
@@ -123,12 +125,12 @@ impl Scheduler {
     }
 
     /// The session's turn is over (the client may send the next one).
-    pub(super) fn end_turn(&mut self, sid: u64) {
+    pub(super) fn end_turn(&mut self, sid: u64, tokens: Option<usize>) {
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.turn = None;
             s.last_used = std::time::Instant::now();
         }
-        session::lock(&self.registry).end_turn(sid);
+        session::lock(&self.registry).end_turn(sid, tokens);
     }
 
     /// Every step that wrote into turn `id`'s lease has completed: queues

@@ -214,3 +214,37 @@ fn after_an_abort_mid_prefill_every_completed_block_is_hit() {
     assert_eq!(got, expected(&prompt, 2));
     h.finish();
 }
+
+/// The executor thread dies (a panic in the model): every request fails at
+/// once with a clear error instead of waiting forever for a step that will
+/// never complete, the engine says it is no longer alive (the server's
+/// `/health` reads this), and new requests are refused.
+#[test]
+fn an_executor_that_dies_fails_every_request_and_the_engine_says_so() {
+    let h = Harness::new(32, 4);
+    let mut a = h.engine.submit(request(tokens(31, 9), 8)).unwrap();
+    h.held();
+    h.release(); // a's prefill
+    let mut b = h.engine.submit(request(tokens(32, 9), 8)).unwrap();
+    h.held();
+    assert!(h.engine.is_alive());
+    h.release_only(Gate::Panic);
+    for r in [&mut a, &mut b] {
+        match h.finished(r) {
+            FinishReason::Error(e) => assert!(e.contains("executor"), "{e}"),
+            other => panic!("a request outlived the executor: {other:?}"),
+        }
+    }
+    let start = std::time::Instant::now();
+    while h.engine.is_alive() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "still alive"
+        );
+        std::thread::yield_now();
+    }
+    assert!(matches!(
+        h.engine.submit(request(tokens(33, 5), 2)),
+        Err(strata_engine::EngineError::Stopped)
+    ));
+}

@@ -161,6 +161,8 @@ pub(crate) enum Gate {
     Fail,
     /// Runs, but returns one logits row fewer than asked for.
     FewerLogits,
+    /// Panics (the executor thread dies).
+    Panic,
 }
 
 /// Holds each step at the executor until the test lets it run: the test
@@ -184,6 +186,7 @@ impl<R: Runner> Runner for Gated<R> {
                 out.pop();
                 Ok(out)
             }
+            Ok(Gate::Panic) => panic!("injected panic in the model"),
         }
     }
 

@@ -89,6 +89,26 @@ impl Harness {
         }
     }
 
+    /// Lets the held step go as `gate` says, without waiting for its result
+    /// (a step that kills the executor has none).
+    pub(crate) fn release_only(&self, gate: Gate) {
+        self.go.send(gate).unwrap();
+    }
+
+    /// Waits (bounded by the watchdog) for `h`'s Finished event.
+    pub(crate) fn finished(&self, h: &mut RequestHandle) -> FinishReason {
+        let start = std::time::Instant::now();
+        loop {
+            while let Ok(e) = h.try_recv() {
+                if let Event::Finished { reason, .. } = e {
+                    return reason;
+                }
+            }
+            assert!(start.elapsed() < WATCHDOG, "the request never finished");
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
     /// Runs steps until `h` has its Finished event; returns its tokens.
     pub(crate) fn run_until_done(&self, h: &mut RequestHandle) -> (Vec<TokenId>, FinishReason) {
         let mut got = Vec::new();
