@@ -60,6 +60,35 @@ pub struct ServeArgs {
     )]
     pub api_keys: Vec<String>,
 
+    /// A file of API keys, one per line (blank lines and lines starting
+    /// with `#` are skipped), so keys need not show in `ps`.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// The key `/admin/*` requires (`Authorization: Bearer KEY`); without
+    /// one the admin endpoints are off. Tenants' keys never open them.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "STRATA_ADMIN_KEY",
+        hide_env_values = true
+    )]
+    pub admin_key: Option<String>,
+
+    /// The key `/metrics` requires; without one, `/metrics` is open (see
+    /// docs/api.md for what it reveals).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "STRATA_METRICS_KEY",
+        hide_env_values = true
+    )]
+    pub metrics_key: Option<String>,
+
+    /// Sessions one tenant may hold at once; creating one more is a 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+
     /// Compute threads [default: the cores idle at start]
     #[arg(long)]
     pub threads: Option<usize>,
@@ -109,8 +138,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     pub shutdown_grace: Duration,
 
-    /// Idle sessions give up their pinned blocks after this long (seconds);
-    /// their blocks stay cached.
+    /// An idle session is deleted after this long (seconds): its pins are
+    /// given up (its blocks stay cached) and its id stops working.
     #[arg(long, default_value = "600", value_parser = parse_secs)]
     pub session_ttl: Duration,
 
@@ -133,7 +162,79 @@ pub struct ServeArgs {
     pub log_text: bool,
 }
 
+/// Checks one key as given: surrounding whitespace is dropped; what is left
+/// must be visible ASCII (what an HTTP header can carry), at least 8 long.
+fn check_key(what: &str, key: &str) -> Result<String, String> {
+    let k = key.trim();
+    if k.len() < 8 {
+        return Err(format!("{what} must be at least 8 characters"));
+    }
+    if !k.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{what} may hold only visible ASCII characters (no spaces or control characters)"
+        ));
+    }
+    Ok(k.to_string())
+}
+
+/// The keys a server runs with, checked.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    /// The tenants' keys (empty: an open server).
+    pub tenants: Vec<String>,
+    /// The admin key, if any.
+    pub admin: Option<String>,
+    /// The metrics key, if any.
+    pub metrics: Option<String>,
+}
+
 impl ServeArgs {
+    /// Reads and checks every key: from `--api-key` (and `STRATA_API_KEY`),
+    /// from `--api-key-file`, `--admin-key` and `--metrics-key`. Keys must
+    /// be distinct: a tenant's key never doubles as the admin's.
+    pub fn keys(&self) -> Result<Keys, String> {
+        let mut tenants = Vec::new();
+        for k in &self.api_keys {
+            tenants.push(check_key("an API key", k)?);
+        }
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --api-key-file {}: {e}", path.display()))?;
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                tenants.push(check_key(
+                    &format!("the key on line {} of {}", i + 1, path.display()),
+                    line,
+                )?);
+            }
+        }
+        let admin = self
+            .admin_key
+            .as_deref()
+            .map(|k| check_key("--admin-key", k))
+            .transpose()?;
+        let metrics = self
+            .metrics_key
+            .as_deref()
+            .map(|k| check_key("--metrics-key", k))
+            .transpose()?;
+        let mut all: Vec<&String> = tenants.iter().chain(&admin).collect();
+        all.sort();
+        if all.windows(2).any(|w| w[0] == w[1]) {
+            return Err(
+                "the same key is given twice (API keys and the admin key must all differ)".into(),
+            );
+        }
+        Ok(Keys {
+            tenants,
+            admin,
+            metrics,
+        })
+    }
+
     /// The defaults, as `strata serve` with no flags.
     pub fn defaults() -> Self {
         match Cli::parse_from(["strata", "serve"]).command {
@@ -206,6 +307,52 @@ mod tests {
         let a = ServeArgs::defaults();
         assert_eq!(a.host.to_string(), "127.0.0.1");
         assert!(a.api_keys.is_empty());
+        assert!(a.admin_key.is_none() && a.metrics_key.is_none());
         assert!(!a.allow_client_salt && !a.log_text);
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut all = vec!["strata", "serve"];
+        all.extend_from_slice(args);
+        match Cli::parse_from(all).command {
+            Command::Serve(a) => *a,
+            Command::FetchModel => unreachable!("parsed `serve`"),
+        }
+    }
+
+    #[test]
+    fn keys_are_trimmed_checked_and_distinct() {
+        let k = serve(&["--api-key", "  key-alpha \n", "--admin-key", "admin-key-1"])
+            .keys()
+            .unwrap();
+        assert_eq!(k.tenants, ["key-alpha"]);
+        assert_eq!(k.admin.as_deref(), Some("admin-key-1"));
+        assert!(serve(&["--api-key", "short"]).keys().is_err());
+        assert!(serve(&["--api-key", "has a space"]).keys().is_err());
+        assert!(serve(&["--api-key", "clé-secrète"]).keys().is_err());
+        assert!(
+            serve(&["--api-key", "same-key-1", "--admin-key", "same-key-1"])
+                .keys()
+                .is_err()
+        );
+        assert!(
+            serve(&["--api-key", "same-key-1,same-key-1"])
+                .keys()
+                .is_err()
+        );
+        let dir = std::env::temp_dir().join(format!("strata-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# tenants\nfile-key-1\n\n  file-key-2  \n").unwrap();
+        let k = serve(&["--api-key-file", file.to_str().unwrap()])
+            .keys()
+            .unwrap();
+        assert_eq!(k.tenants, ["file-key-1", "file-key-2"]);
+        std::fs::write(&file, "bad key here\n").unwrap();
+        let e = serve(&["--api-key-file", file.to_str().unwrap()])
+            .keys()
+            .unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! Errors in OpenAI's JSON shape, with the HTTP status that goes with them:
 //! `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use std::borrow::Cow;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use strata_engine::EngineError;
@@ -15,8 +17,9 @@ pub(crate) struct ApiError {
     pub(crate) kind: &'static str,
     /// What went wrong, for a person.
     pub(crate) message: String,
-    /// The parameter at fault, if one is.
-    pub(crate) param: Option<&'static str>,
+    /// The parameter at fault, if one is (a path like `messages[0].role`
+    /// when the body did not parse).
+    pub(crate) param: Option<Cow<'static, str>>,
     /// A machine-readable code, if there is one.
     pub(crate) code: Option<&'static str>,
     /// Seconds to wait before retrying (429/503).
@@ -36,9 +39,9 @@ impl ApiError {
     }
 
     /// 400: an invalid parameter.
-    pub(crate) fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self {
-            param: Some(param),
+            param: Some(param.into()),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
         }
     }
@@ -73,6 +76,11 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict_error", message)
     }
 
+    /// 429: a per-tenant limit.
+    pub(crate) fn too_many(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+    }
+
     /// 503 with Retry-After.
     pub(crate) fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
         Self {
@@ -102,6 +110,15 @@ impl ApiError {
         }
     }
 
+    /// 400 `context_length_exceeded`.
+    pub(crate) fn context_exceeded(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("context_length_exceeded"),
+            param: Some(Cow::Borrowed("messages")),
+            ..Self::bad_request(message)
+        }
+    }
+
     /// The error object, as sent (also inside a stream).
     pub(crate) fn body(&self) -> serde_json::Value {
         json!({
@@ -122,6 +139,17 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        // The openai package retries 408 and 409 twice unless told not to:
+        // a timed-out or busy request would only run (and wait) again.
+        if matches!(
+            self.status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT
+        ) {
+            r.headers_mut().insert(
+                HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
+        }
         r
     }
 }
@@ -133,14 +161,10 @@ impl From<EngineError> for ApiError {
                 context,
                 prompt,
                 max_tokens,
-            } => Self {
-                code: Some("context_length_exceeded"),
-                param: Some("messages"),
-                ..Self::bad_request(format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or completion.",
-                    prompt + max_tokens
-                ))
-            },
+            } => Self::context_exceeded(format!(
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or completion.",
+                prompt + max_tokens
+            )),
             EngineError::EmptyPrompt => Self::invalid("prompt", "the prompt is empty"),
             EngineError::BadToken(t) => {
                 Self::invalid("prompt", format!("token id {t} is outside the vocabulary"))
@@ -157,7 +181,10 @@ impl From<EngineError> for ApiError {
             }
             e @ EngineError::SessionBusy(_) => Self::conflict(e.to_string()),
             e @ EngineError::NoTokenizer => Self::invalid("stop", e.to_string()),
-            EngineError::Stopped => Self::unavailable("the server is shutting down", 5),
+            EngineError::Stopped => Self::unavailable(
+                "the engine has stopped (shutting down, or see the server log)",
+                5,
+            ),
             e @ EngineError::Config(_) => Self::internal(e.to_string()),
         }
     }

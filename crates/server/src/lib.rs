@@ -42,6 +42,7 @@ impl Server {
     /// for the default model (fetched once). `say` reports fetching and
     /// loading progress.
     pub async fn start(args: ServeArgs, mut say: Progress) -> Result<Self, String> {
+        let keys = args.keys()?;
         let addr = SocketAddr::new(args.host, args.port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -52,6 +53,7 @@ impl Server {
         let stats = Arc::new(OnceLock::new());
         let state = Arc::new(AppState::new(
             args.clone(),
+            keys,
             hash_key.clone(),
             metrics::Metrics::new(stats.clone()),
         ));
@@ -70,6 +72,28 @@ impl Server {
                     let _ = stopped.wait_for(|s| *s).await;
                 })
                 .await
+        });
+        // Idle sessions are deleted after their time-to-live, checked a few
+        // times per TTL (the deletion waits on the scheduler: off the async
+        // workers).
+        let sweeping = state.clone();
+        let mut sweep_stop = stop.subscribe();
+        tokio::spawn(async move {
+            let every =
+                (args.session_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = sweep_stop.wait_for(|s| *s) => break,
+                }
+                let st = sweeping.clone();
+                if let Ok(n) = tokio::task::spawn_blocking(move || api::delete_expired(&st)).await
+                    && n > 0
+                {
+                    tracing::info!(sessions = n, "idle sessions deleted");
+                }
+            }
         });
         let (ready_tx, ready) = oneshot::channel();
         let loading = state.clone();

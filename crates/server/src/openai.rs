@@ -1,12 +1,17 @@
 //! The OpenAI request shapes we accept, checked the way vLLM checks them,
 //! and turned into the engine's sampling parameters and stop conditions.
 //!
-//! Unknown fields are ignored (clients send many); known ones are
-//! validated, and a value out of range is a 400 naming the parameter.
+//! Unknown fields are ignored (clients send many, like `user` or
+//! `metadata`, that change nothing in the answer); known ones are validated,
+//! and a value out of range is a 400 naming the parameter. A parameter that
+//! would change the answer but that Strata does not implement yet is refused
+//! with a 400 naming it ([`Unsupported`]), never silently ignored. `null`
+//! means "not given" wherever OpenAI accepts it.
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
 use strata_engine::StopConditions;
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
@@ -17,6 +22,22 @@ use crate::error::ApiError;
 pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
 /// The most stop strings.
 pub(crate) const MAX_STOPS: usize = 16;
+/// The longest stop string, in bytes (the engine matches each against the
+/// text's tail after every token).
+pub(crate) const MAX_STOP_BYTES: usize = 1024;
+/// The most `stop_token_ids`.
+pub(crate) const MAX_STOP_TOKEN_IDS: usize = 256;
+/// The most `logit_bias` entries.
+pub(crate) const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `null` is "not given": the field's default.
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// `stop`: one string or several.
 #[derive(Deserialize, Debug, Clone)]
@@ -32,7 +53,7 @@ pub(crate) enum Stop {
 #[derive(Deserialize, Debug, Clone, Default)]
 pub(crate) struct StreamOptions {
     /// Send a last chunk with the usage.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub(crate) include_usage: bool,
 }
 
@@ -67,18 +88,15 @@ pub(crate) struct Common {
     pub(crate) repetition_penalty: Option<f64>,
     /// Must be 1.
     pub(crate) n: Option<i64>,
-    /// Ignored (an end-user id).
-    #[allow(dead_code)]
-    pub(crate) user: Option<String>,
     /// Token id (as a string) to a bias in [-100, 100].
     pub(crate) logit_bias: Option<HashMap<String, f64>>,
     /// Keep going past end-of-sequence.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub(crate) ignore_eos: bool,
     /// No stop before this many tokens.
     pub(crate) min_tokens: Option<i64>,
     /// Stream the answer as server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub(crate) stream: bool,
     /// Streaming options.
     pub(crate) stream_options: Option<StreamOptions>,
@@ -86,6 +104,105 @@ pub(crate) struct Common {
     pub(crate) session: Option<String>,
     /// Share prefixes only within this salt (if the operator allows).
     pub(crate) cache_salt: Option<String>,
+    /// What Strata does not implement yet.
+    #[serde(flatten)]
+    pub(crate) unsupported: Unsupported,
+}
+
+/// Parameters that change the answer and that Strata does not implement
+/// yet (9/10 implements the first ones): given with a value other than
+/// "off", they are a 400 naming them.
+#[derive(Deserialize, Debug, Clone, Default)]
+pub(crate) struct Unsupported {
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    best_of: Option<Value>,
+    suffix: Option<Value>,
+    audio: Option<Value>,
+    modalities: Option<Value>,
+    prediction: Option<Value>,
+    reasoning_effort: Option<Value>,
+    web_search_options: Option<Value>,
+}
+
+impl Unsupported {
+    /// The first parameter given that Strata cannot honour, as a 400.
+    pub(crate) fn check(&self) -> Result<(), ApiError> {
+        let off = |v: &Option<Value>, offs: &[Value]| v.as_ref().is_none_or(|v| offs.contains(v));
+        let no_tools = [Value::Array(Vec::new())];
+        let checks: [(&'static str, bool, &str); 12] = [
+            (
+                "tools",
+                off(&self.tools, &no_tools),
+                "tool calls are not supported yet",
+            ),
+            (
+                "tool_choice",
+                off(&self.tool_choice, &[Value::from("none")]),
+                "tool calls are not supported yet",
+            ),
+            (
+                "functions",
+                off(&self.functions, &no_tools),
+                "function calls are not supported yet",
+            ),
+            (
+                "function_call",
+                off(&self.function_call, &[Value::from("none")]),
+                "function calls are not supported yet",
+            ),
+            (
+                "response_format",
+                off(
+                    &self.response_format,
+                    &[serde_json::json!({"type": "text"})],
+                ),
+                "structured output is not supported yet: only {\"type\": \"text\"}",
+            ),
+            (
+                "best_of",
+                off(&self.best_of, &[Value::from(1)]),
+                "only best_of = 1 is supported",
+            ),
+            (
+                "suffix",
+                off(&self.suffix, &[Value::from("")]),
+                "suffix (insertion) is not supported",
+            ),
+            (
+                "audio",
+                off(&self.audio, &[]),
+                "audio output is not supported",
+            ),
+            (
+                "modalities",
+                off(&self.modalities, &[serde_json::json!(["text"])]),
+                "only the text modality is supported",
+            ),
+            (
+                "prediction",
+                off(&self.prediction, &[]),
+                "predicted outputs are not supported",
+            ),
+            (
+                "reasoning_effort",
+                off(&self.reasoning_effort, &[]),
+                "reasoning_effort is not supported (this is not a reasoning model)",
+            ),
+            (
+                "web_search_options",
+                off(&self.web_search_options, &[]),
+                "web search is not supported",
+            ),
+        ];
+        match checks.into_iter().find(|(_, ok, _)| !ok) {
+            None => Ok(()),
+            Some((param, _, why)) => Err(ApiError::invalid(param, format!("{param}: {why}"))),
+        }
+    }
 }
 
 /// A chat message's content: text, or a list of parts of which only text
@@ -109,13 +226,49 @@ pub(crate) struct Part {
     pub(crate) text: Option<String>,
 }
 
+/// Who speaks: exactly OpenAI's roles. Anything else is a 400, so no
+/// client text reaches the template as a role.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    /// Instructions.
+    System,
+    /// OpenAI's newer name for system instructions.
+    Developer,
+    /// The user.
+    User,
+    /// The model.
+    Assistant,
+    /// A tool's result.
+    Tool,
+}
+
+impl Role {
+    /// The name templates know.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
 /// One message.
 #[derive(Deserialize, Debug, Clone)]
 pub(crate) struct Message {
-    /// `system`, `user`, `assistant`, `developer`, ...
-    pub(crate) role: String,
+    /// Who speaks.
+    pub(crate) role: Role,
     /// Its content (may be null for an assistant message).
     pub(crate) content: Option<Content>,
+    /// A participant's name (given to the template as plain text).
+    pub(crate) name: Option<String>,
+    /// An assistant's tool calls (not supported yet: 9/10).
+    tool_calls: Option<Value>,
+    /// A function call (the older form; not supported).
+    function_call: Option<Value>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -124,7 +277,7 @@ pub(crate) struct ChatRequest {
     /// The conversation (or, in a session, its new messages).
     pub(crate) messages: Vec<Message>,
     /// Return log-probabilities.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub(crate) logprobs: bool,
     /// How many alternatives per token, in [0, 20].
     pub(crate) top_logprobs: Option<i64>,
@@ -155,7 +308,7 @@ pub(crate) struct CompletionRequest {
     /// Alternatives per token, in [0, 20].
     pub(crate) logprobs: Option<i64>,
     /// Prepend the prompt to the answer.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub(crate) echo: bool,
     /// Everything else.
     #[serde(flatten)]
@@ -189,6 +342,7 @@ impl Common {
     /// Checks every parameter; `vocab` bounds token ids, `top_logprobs` is
     /// the endpoint's own logprobs parameter, already read.
     pub(crate) fn check(&self, vocab: usize, top_logprobs: usize) -> Result<Checked, ApiError> {
+        self.unsupported.check()?;
         if let Some(n) = self.n
             && n != 1
         {
@@ -264,6 +418,13 @@ impl Common {
             }
             Ok(TokenId::new(t as u32))
         };
+        let biases = self.logit_bias.as_ref().map_or(0, HashMap::len);
+        if biases > MAX_LOGIT_BIAS {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("at most {MAX_LOGIT_BIAS} logit_bias entries, got {biases}"),
+            ));
+        }
         let mut logit_bias = Vec::new();
         for (k, &b) in self.logit_bias.iter().flatten() {
             let id: i64 = k.trim().parse().map_err(|_| {
@@ -281,6 +442,14 @@ impl Common {
             logit_bias.push((token("logit_bias", id)?, b as f32));
         }
         logit_bias.sort_by_key(|&(t, _)| t.get());
+        // Keys are strings, so "5", " 5" and "05" all name token 5: one
+        // token gets one bias, never a sum past the range.
+        if let Some(w) = logit_bias.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias names token {} more than once", w[0].0.get()),
+            ));
+        }
         let stop_strings = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -298,12 +467,31 @@ impl Common {
         if stop_strings.iter().any(String::is_empty) {
             return Err(ApiError::invalid("stop", "stop strings must not be empty"));
         }
-        let stop_token_ids = self
+        if let Some(long) = stop_strings.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "a stop string is at most {MAX_STOP_BYTES} bytes, got one of {}",
+                    long.len()
+                ),
+            ));
+        }
+        let given = self.stop_token_ids.as_ref().map_or(0, Vec::len);
+        if given > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {given}"),
+            ));
+        }
+        let mut stop_token_ids = self
             .stop_token_ids
             .iter()
             .flatten()
             .map(|&t| token("stop_token_ids", t))
             .collect::<Result<Vec<_>, _>>()?;
+        // A set: the same id twice stops the same way once.
+        stop_token_ids.sort_by_key(|t| t.get());
+        stop_token_ids.dedup();
         let min_tokens = match self.min_tokens {
             None => 0,
             Some(m) if m >= 0 => m as usize,
@@ -348,6 +536,22 @@ impl Common {
     }
 }
 
+/// The most alternatives `/v1/completions` returns per token (OpenAI's
+/// legacy completions allow 5).
+pub(crate) const MAX_COMPLETION_LOGPROBS: usize = 5;
+
+/// Reads `/v1/completions`' `logprobs`, in [0, 5].
+pub(crate) fn completion_logprobs(n: i64) -> Result<usize, ApiError> {
+    if (0..=MAX_COMPLETION_LOGPROBS as i64).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(ApiError::invalid(
+            "logprobs",
+            format!("logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {n}"),
+        ))
+    }
+}
+
 /// Reads a logprobs count parameter in [0, 20].
 pub(crate) fn top_logprobs(param: &'static str, v: Option<i64>) -> Result<usize, ApiError> {
     match v {
@@ -361,17 +565,28 @@ pub(crate) fn top_logprobs(param: &'static str, v: Option<i64>) -> Result<usize,
 }
 
 impl Message {
-    /// The text of the content (parts concatenated); other part types are
-    /// refused.
+    /// The text of the content (text parts joined with newlines, as OpenAI
+    /// joins them); other part types are refused, and so are tool calls.
     pub(crate) fn text(&self) -> Result<String, ApiError> {
+        if self
+            .tool_calls
+            .as_ref()
+            .is_some_and(|v| *v != Value::Array(Vec::new()))
+            || self.function_call.as_ref().is_some_and(|v| !v.is_null())
+        {
+            return Err(ApiError::invalid(
+                "messages",
+                "messages with tool_calls are not supported yet",
+            ));
+        }
         match &self.content {
             None => Ok(String::new()),
             Some(Content::Text(s)) => Ok(s.clone()),
             Some(Content::Parts(parts)) => {
-                let mut out = String::new();
+                let mut texts = Vec::with_capacity(parts.len());
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => out.push_str(t),
+                        ("text", Some(t)) => texts.push(t.as_str()),
                         (k, _) => {
                             return Err(ApiError::invalid(
                                 "messages",
@@ -382,7 +597,7 @@ impl Message {
                         }
                     }
                 }
-                Ok(out)
+                Ok(texts.join("\n"))
             }
         }
     }

@@ -11,7 +11,7 @@ use strata_model::{ChatMessage, ChatTemplate, Gguf, LlamaModel, LoadOptions, Tok
 use strata_store::Arena;
 use subtle::ConstantTimeEq;
 
-use crate::cli::ServeArgs;
+use crate::cli::{Keys, ServeArgs};
 use crate::metrics::Metrics;
 
 /// The model being served.
@@ -28,6 +28,12 @@ pub(crate) struct Loaded {
     pub(crate) created: u64,
     /// The vocabulary size.
     pub(crate) vocab: usize,
+    /// Text longer than this (in bytes) cannot fit the context, whatever it
+    /// says: refused before it is tokenized.
+    pub(crate) max_prompt_bytes: usize,
+    /// OpenAI's `system_fingerprint`: changes when the weights, the KV
+    /// layout or Strata's version do.
+    pub(crate) fingerprint: String,
 }
 
 /// One API key: who a request is.
@@ -58,6 +64,9 @@ pub(crate) struct Session {
     pub(crate) busy: bool,
     /// Continued with raw completions (no chat history).
     pub(crate) raw: bool,
+    /// When its last turn ended (or it was created): idle past
+    /// `--session-ttl`, it is deleted.
+    pub(crate) last_used: std::time::Instant,
 }
 
 /// Shared by every handler.
@@ -66,6 +75,14 @@ pub(crate) struct AppState {
     pub(crate) loaded: OnceLock<Arc<Loaded>>,
     /// The API keys; empty: no authentication, one anonymous tenant.
     pub(crate) tenants: Vec<Tenant>,
+    /// BLAKE3 of the admin key (`/admin/*` is off without one).
+    admin: Option<[u8; 32]>,
+    /// BLAKE3 of the metrics key (`/metrics` is open without one).
+    metrics_key: Option<[u8; 32]>,
+    /// Tokenizing and rendering templates run on the blocking pool, this
+    /// many at once (the cores): a flood of long texts queues here instead
+    /// of taking the async workers or spawning hundreds of threads.
+    pub(crate) heavy: Arc<tokio::sync::Semaphore>,
     /// The anonymous tenant (used when there are no keys).
     pub(crate) anonymous: Tenant,
     /// Sessions by their public id.
@@ -80,9 +97,9 @@ pub(crate) struct AppState {
 
 impl AppState {
     /// The state of a server that is still loading its model.
-    pub(crate) fn new(args: ServeArgs, hash_key: HashKey, metrics: Metrics) -> Self {
-        let tenants = args
-            .api_keys
+    pub(crate) fn new(args: ServeArgs, keys: Keys, hash_key: HashKey, metrics: Metrics) -> Self {
+        let tenants = keys
+            .tenants
             .iter()
             .enumerate()
             .map(|(index, key)| Tenant {
@@ -95,9 +112,14 @@ impl AppState {
                 index,
             })
             .collect();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hash = |k: &String| *blake3::hash(k.as_bytes()).as_bytes();
         Self {
             loaded: OnceLock::new(),
             tenants,
+            admin: keys.admin.as_ref().map(hash),
+            metrics_key: keys.metrics.as_ref().map(hash),
+            heavy: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
             anonymous: Tenant {
                 key_hash: [0; 32],
                 salt: None,
@@ -127,10 +149,44 @@ impl AppState {
         bearer.and(found)
     }
 
+    /// Whether `bearer` is the admin key (`None`: there is no admin key,
+    /// the admin endpoints are off).
+    pub(crate) fn is_admin(&self, bearer: Option<&str>) -> Option<bool> {
+        let want = self.admin?;
+        let given = *blake3::hash(bearer.unwrap_or("").as_bytes()).as_bytes();
+        Some(bearer.is_some() && bool::from(want.ct_eq(&given)))
+    }
+
+    /// Whether `/metrics` may be read with `bearer`.
+    pub(crate) fn may_read_metrics(&self, bearer: Option<&str>) -> bool {
+        match self.metrics_key {
+            None => true,
+            Some(want) => {
+                let given = *blake3::hash(bearer.unwrap_or("").as_bytes()).as_bytes();
+                bearer.is_some() && bool::from(want.ct_eq(&given))
+            }
+        }
+    }
+
     /// Locks the sessions, ignoring poison (no handler panics while holding it).
     pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `bytes` random bytes in hex (ids that must not be guessed or counted).
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    if getrandom::fill(&mut raw).is_err() {
+        // No system randomness (never seen on Linux): unique, if not secret.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let h = blake3::hash(format!("{n}:{:?}", std::time::SystemTime::now()).as_bytes());
+        for (r, b) in raw.iter_mut().zip(h.as_bytes()) {
+            *r = *b;
+        }
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unix seconds now.
@@ -164,12 +220,25 @@ pub(crate) fn hash_key(dir: &Path) -> Result<HashKey, String> {
                 .map_err(|e| format!("no randomness for the hash key: {e}"))?;
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let tmp = dir.join(format!("hash-key.{}.tmp", std::process::id()));
+            // Unique per attempt, not per process: servers started at once
+            // in one process (tests do) must not collide on the temp file.
+            let tmp = dir.join(format!(
+                "hash-key.{}.{}.tmp",
+                std::process::id(),
+                random_hex(8)
+            ));
             write_private(&tmp, &bytes)
                 .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            // Another process may have won the race: use what is there.
+            // A hard link appears complete and fails if the key exists (a
+            // rename would replace a key another start already uses).
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("cannot write {}: {e}", path.display())),
+            }
+            // Whoever won the race, everyone uses what is there.
             hash_key(dir)
         }
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -276,6 +345,16 @@ pub(crate) fn load(
         context: engine.context(),
         threads,
     };
+    let max_prompt_bytes = sizing.context.saturating_mul(tokenizer.max_token_bytes());
+    let digest = blake3::hash(
+        format!(
+            "strata {};{}",
+            env!("CARGO_PKG_VERSION"),
+            String::from_utf8_lossy(&model.fingerprint(bs))
+        )
+        .as_bytes(),
+    );
+    let fingerprint = format!("fp_{}", &digest.to_hex()[..12]);
     Ok((
         Loaded {
             engine,
@@ -284,7 +363,39 @@ pub(crate) fn load(
             name,
             created: unix_now(),
             vocab,
+            max_prompt_bytes,
+            fingerprint,
         },
         sizing,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many servers starting at once on a fresh cache directory (in one
+    /// process, as the tests do) all get the key, and the same one.
+    #[test]
+    fn a_fresh_hash_key_is_made_once_under_concurrent_starts() {
+        let dir = std::env::temp_dir().join(format!("strata-hash-key-{}", random_hex(6)));
+        let keys: Vec<Result<HashKey, String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16).map(|_| s.spawn(|| hash_key(&dir))).collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("no panic"))
+                .collect()
+        });
+        let first = keys[0]
+            .as_ref()
+            .expect("the first start got a key")
+            .as_bytes();
+        for k in &keys {
+            assert_eq!(
+                k.as_ref().expect("every start gets a key").as_bytes(),
+                first
+            );
+        }
+        assert_eq!(hash_key(&dir).expect("read back").as_bytes(), first);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 }

@@ -7,9 +7,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use strata_kv::TokenId;
 
-use super::generation::{Kind, Submission, Turn, submit};
-use super::sessions::{release_session, take_session};
-use super::{Shared, begin, check_model, salt};
+use super::generation::{Arrival, Kind, Submission, Turn, submit};
+use super::sessions::take_session;
+use super::{Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, CompletionRequest, Prompt};
 use crate::state::Loaded;
@@ -35,10 +35,19 @@ pub(super) fn completion_prompt(
             .collect()
     };
     let text = |s: &str| -> Result<(Vec<TokenId>, String), ApiError> {
-        let t = l
-            .tokenizer
-            .encode_with_specials(s)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        let tok = &l.tokenizer;
+        let mut t = Vec::new();
+        // The BOS token where the model's metadata says prompts get one.
+        if let Some(bos) = tok.bos().filter(|_| tok.add_bos()) {
+            t.push(bos);
+        }
+        t.extend(
+            tok.encode_with_specials(s)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+        );
+        if tok.add_bos() && t.len() > 1 && t[0] == t[1] {
+            t.remove(0); // the prompt brought its own
+        }
         Ok((t, s.to_string()))
     };
     let one = |n: usize| -> Result<(), ApiError> {
@@ -71,29 +80,57 @@ pub(super) fn completion_prompt(
     }
 }
 
+/// Refuses a text prompt that cannot fit the context before tokenizing it.
+pub(super) fn check_prompt_bytes(l: &Loaded, p: &Prompt) -> Result<(), ApiError> {
+    let bytes = match p {
+        Prompt::Text(s) => s.len(),
+        Prompt::Texts(v) => v.iter().map(String::len).sum(),
+        Prompt::Tokens(_) | Prompt::TokenLists(_) => 0,
+    };
+    if bytes > l.max_prompt_bytes {
+        return Err(ApiError {
+            param: Some("prompt".into()),
+            ..ApiError::context_exceeded(format!(
+                "The prompt holds {bytes} bytes of text: more than this model's maximum context length of {} tokens can hold (at most {} bytes). Please shorten the prompt.",
+                l.engine.context(),
+                l.max_prompt_bytes
+            ))
+        });
+    }
+    Ok(())
+}
+
 pub(super) async fn completions(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let arrival = Arrival::now();
     let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body)?;
     check_model(&l, req.common.model.as_deref())?;
     let logprobs = match req.logprobs {
         None => None,
-        Some(n) => Some(openai::top_logprobs("logprobs", Some(n))?),
+        Some(n) => Some(openai::completion_logprobs(n)?),
     };
+    if req.echo && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "echo with logprobs (the prompt's log-probabilities) is not supported yet",
+        ));
+    }
     let checked = req.common.check(l.vocab, logprobs.unwrap_or(0))?;
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
-    let (prompt, text) = completion_prompt(&l, &req.prompt)?;
+    check_prompt_bytes(&l, &req.prompt)?;
+    let (lp, p) = (l.clone(), req.prompt.clone());
+    let (prompt, text) = off_thread(&state, move || completion_prompt(&lp, &p)).await??;
     if state.args.log_text {
         tracing::info!(prompt = %text, "completion request text");
     }
     let turn = match &req.common.session {
         None => None,
         Some(key) => {
-            let (sid, history, _, _) = take_session(&state, t, key)?;
-            if !history.is_empty() {
-                release_session(&state, key);
+            let claim = take_session(&state, t, key)?;
+            if !claim.history.is_empty() {
                 return Err(ApiError::invalid(
                     "session",
                     "this session holds a chat conversation; continue it with /v1/chat/completions",
@@ -107,7 +144,7 @@ pub(super) async fn completions(
                     key: key.clone(),
                     messages: None,
                 },
-                sid,
+                claim.keep(),
             ))
         }
     };
@@ -120,6 +157,7 @@ pub(super) async fn completions(
         turn,
         echo: req.echo.then_some(text),
         tenant: t.index,
+        arrival,
     };
     submit(state.clone(), l, &req.common, sub).await
 }

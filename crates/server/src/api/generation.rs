@@ -3,14 +3,14 @@
 //! from them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::response::Response;
 use serde_json::{Value, json};
 use strata_engine::{Event, FinishReason, Request, RequestHandle, Usage};
 use strata_kv::TokenId;
-use strata_model::{ChatMessage, Tokenizer};
+use strata_model::ChatMessage;
 
 use super::Shared;
 use super::sessions::release_session;
@@ -19,13 +19,12 @@ use super::whole::respond_whole;
 use crate::error::ApiError;
 use crate::metrics::Reason;
 use crate::openai::{Checked, Common};
-use crate::state::{Loaded, unix_now};
+use crate::state::{Loaded, random_hex, unix_now};
 
-static REQUESTS: AtomicU64 = AtomicU64::new(1);
-
+/// A request's id: random, so ids say nothing about how many requests
+/// others made or when.
 pub(super) fn request_id(prefix: &str) -> String {
-    let n = REQUESTS.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{:x}{n:06x}", unix_now())
+    format!("{prefix}-{}", random_hex(12))
 }
 
 /// Which endpoint a generation answers.
@@ -51,6 +50,8 @@ pub(super) struct Generation {
     pub(super) id: String,
     pub(super) logprobs: Option<usize>,
     pub(super) arrival: Instant,
+    /// Unix seconds when the request arrived (OpenAI's `created`).
+    pub(super) created: u64,
     pub(super) deadline: tokio::time::Instant,
     pub(super) last_token: Option<Instant>,
     pub(super) text: String,
@@ -94,7 +95,7 @@ impl Generation {
                 }
                 Ok(None) => {
                     self.end("abort");
-                    return Err(ApiError::unavailable("the server is shutting down", 5));
+                    return Err(self.engine_gone());
                 }
                 Ok(Some(ev)) => ev,
             };
@@ -162,12 +163,27 @@ impl Generation {
                                 5,
                             ),
                         }),
+                        FinishReason::Error(e) if !self.loaded.engine.is_alive() => {
+                            Err(ApiError::unavailable(
+                                format!("the engine stopped ({e}); see the server log"),
+                                5,
+                            ))
+                        }
                         FinishReason::Error(e) => {
                             Err(ApiError::internal(format!("generation failed: {e}")))
                         }
                     };
                 }
             }
+        }
+    }
+
+    /// Why the engine's channel closed: shutting down, or the engine died.
+    fn engine_gone(&self) -> ApiError {
+        if self.loaded.engine.is_alive() || self.state.stopping.load(Ordering::Relaxed) {
+            ApiError::unavailable("the server is shutting down", 5)
+        } else {
+            ApiError::unavailable("the engine stopped; see the server log", 5)
         }
     }
 
@@ -237,23 +253,6 @@ impl Generation {
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         })
     }
-
-    pub(super) fn token_text(tok: &Tokenizer, t: TokenId) -> (String, Vec<u8>) {
-        let b = tok.token_bytes(t).to_vec();
-        (String::from_utf8_lossy(&b).into_owned(), b)
-    }
-
-    /// Chat logprobs entry of one token.
-    pub(super) fn chat_logprob(&self, id: TokenId, logprob: f32, top: &[(TokenId, f32)]) -> Value {
-        let tok = &self.loaded.tokenizer;
-        let entry = |t: TokenId, lp: f32| {
-            let (s, b) = Self::token_text(tok, t);
-            json!({"token": s, "logprob": lp, "bytes": b})
-        };
-        let mut v = entry(id, logprob);
-        v["top_logprobs"] = Value::Array(top.iter().map(|&(t, lp)| entry(t, lp)).collect());
-        v
-    }
 }
 
 impl Drop for Generation {
@@ -264,41 +263,19 @@ impl Drop for Generation {
     }
 }
 
-/// Completion-style logprobs, accumulated.
-#[derive(Default)]
-pub(super) struct TextLogprobs {
-    pub(super) tokens: Vec<String>,
-    pub(super) token_logprobs: Vec<f32>,
-    pub(super) top: Vec<serde_json::Map<String, Value>>,
-    pub(super) offsets: Vec<usize>,
+/// When a request arrived (before its body was parsed or tokenized).
+#[derive(Clone, Copy)]
+pub(super) struct Arrival {
+    at: Instant,
+    unix: u64,
 }
 
-impl TextLogprobs {
-    pub(super) fn push(
-        &mut self,
-        tok: &Tokenizer,
-        offset: usize,
-        id: TokenId,
-        lp: f32,
-        top: &[(TokenId, f32)],
-    ) {
-        self.tokens.push(Generation::token_text(tok, id).0);
-        self.token_logprobs.push(lp);
-        self.top.push(
-            top.iter()
-                .map(|&(t, l)| (Generation::token_text(tok, t).0, json!(l)))
-                .collect(),
-        );
-        self.offsets.push(offset);
-    }
-
-    pub(super) fn json(&self) -> Value {
-        json!({
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top,
-            "text_offset": self.offsets,
-        })
+impl Arrival {
+    pub(super) fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            unix: unix_now(),
+        }
     }
 }
 
@@ -312,6 +289,7 @@ pub(super) struct Submission {
     pub(super) turn: Option<(Turn, strata_engine::SessionId)>,
     pub(super) echo: Option<String>,
     pub(super) tenant: usize,
+    pub(super) arrival: Arrival,
 }
 
 /// Submits a checked request and answers it, streamed or whole.
@@ -321,7 +299,10 @@ pub(super) async fn submit(
     common: &Common,
     sub: Submission,
 ) -> Result<Response, ApiError> {
-    let arrival = Instant::now();
+    let Arrival {
+        at: arrival,
+        unix: created,
+    } = sub.arrival;
     let (turn, session) = match sub.turn {
         Some((t, s)) => (Some(t), Some(s)),
         None => (None, None),
@@ -354,6 +335,7 @@ pub(super) async fn submit(
         }),
         logprobs: sub.logprobs,
         arrival,
+        created,
         last_token: None,
         text: String::new(),
         last: None,

@@ -5,6 +5,7 @@
 mod chat;
 mod completions;
 mod generation;
+mod logprobs;
 mod models;
 mod ops;
 mod sessions;
@@ -17,22 +18,27 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 use crate::state::{AppState, Loaded, Tenant};
 
+pub(crate) use sessions::delete_expired;
+
 type Shared = Arc<AppState>;
 
-/// Every route of the server.
-pub(crate) fn router(state: Shared) -> Router {
+/// Every route of the server. The key is checked by a layer that runs
+/// before the handler reads the body, so an unauthenticated client cannot
+/// make the server read (or wait for) megabytes.
+pub(crate) fn router(state: Shared) -> Router<()> {
     let limit = usize::try_from(state.args.max_body).unwrap_or(usize::MAX);
-    Router::new()
-        .route("/health", get(ops::health))
-        .route("/metrics", get(ops::metrics))
+    let tenants = Router::new()
         .route("/v1/models", get(models::models))
         .route("/v1/models/{id}", get(models::model))
         .route("/v1/chat/completions", post(chat::chat))
@@ -44,7 +50,18 @@ pub(crate) fn router(state: Shared) -> Router {
             post(sessions::create_session).get(sessions::list_sessions),
         )
         .route("/v1/sessions/{id}", delete(sessions::delete_session))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_tenant,
+        ));
+    let admin = Router::new()
         .route("/admin/clear_prefix_cache", post(ops::clear_prefix_cache))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .merge(tenants)
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -62,17 +79,75 @@ async fn method_not_allowed() -> ApiError {
     }
 }
 
-/// The tenant of a request, or 401.
-fn tenant<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Tenant, ApiError> {
-    let bearer = headers
+/// The bearer token of a request, if it sent one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
-    state.tenant(bearer).ok_or_else(ApiError::unauthorized)
+        .map(str::trim)
+}
+
+/// The tenant of a request, or 401.
+fn tenant<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Tenant, ApiError> {
+    state
+        .tenant(bearer(headers))
+        .ok_or_else(ApiError::unauthorized)
+}
+
+/// 401 before the body is read, unless the request carries a tenant's key.
+async fn require_tenant(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match tenant(&state, req.headers()) {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `/admin/*`: 404 when the server has no admin key (the endpoints are
+/// off), 401 without the admin key (a tenant's key never opens them).
+async fn require_admin(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match state.is_admin(bearer(req.headers())) {
+        None => ApiError::not_found(
+            "not_found",
+            "the admin endpoints are off (start the server with --admin-key)",
+        )
+        .into_response(),
+        Some(false) => ApiError::unauthorized().into_response(),
+        Some(true) => next.run(req).await,
+    }
+}
+
+/// Runs CPU-heavy work for a request (tokenizing, rendering a template)
+/// on the blocking pool, at most [`AppState::heavy`] at once, so that no
+/// async worker is ever held by it. The permit moves into the work: a
+/// client that disconnects cannot free its slot while the work still runs.
+async fn off_thread<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit = state
+        .heavy
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down", 5))?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))
 }
 
 /// The loaded model, or 503 while it loads.
@@ -98,8 +173,8 @@ fn begin<'a, T: DeserializeOwned>(
 }
 
 /// Parses a JSON body: 415 for another content type, 413 over the size
-/// limit, 400 for invalid UTF-8 or malformed JSON, 422 for JSON of the wrong
-/// shape.
+/// limit, 400 for invalid UTF-8, malformed JSON, or JSON of the wrong shape
+/// (with `param` naming the field).
 fn parse<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -129,19 +204,39 @@ fn parse<T: DeserializeOwned>(
     if std::str::from_utf8(&body).is_err() {
         return Err(ApiError::bad_request("the request body is not valid UTF-8"));
     }
-    serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            ..ApiError::bad_request(format!("the request does not match the API: {e}"))
-        },
-        _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+    // The path of the field at fault becomes the error's `param`, as
+    // OpenAI names it; a wrong type or a missing field is a 400, as there.
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let text = inner.to_string();
+        // A missing field is named by the error, not the path (the path
+        // is its parent's).
+        let missing = text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(|f| {
+                if path == "." {
+                    f.to_string()
+                } else {
+                    format!("{path}.{f}")
+                }
+            });
+        match inner.classify() {
+            serde_json::error::Category::Data => ApiError::invalid(
+                missing.unwrap_or(if path == "." { "body".into() } else { path }),
+                format!("the request does not match the API: {inner}"),
+            ),
+            _ => ApiError::bad_request(format!("malformed JSON: {inner}")),
+        }
     })
 }
 
 fn check_model(l: &Loaded, asked: Option<&str>) -> Result<(), ApiError> {
     match asked {
         Some(m) if m != l.name => Err(ApiError {
-            param: Some("model"),
+            param: Some("model".into()),
             ..ApiError::not_found(
                 "model_not_found",
                 format!(

@@ -1,5 +1,8 @@
 //! `/v1/sessions`: conversations whose KV stays pinned between turns.
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -11,16 +14,45 @@ use strata_model::ChatMessage;
 
 use super::{Shared, check_model, loaded, parse, salt, tenant};
 use crate::error::ApiError;
-use crate::state::{AppState, Loaded, Session, Tenant, unix_now};
+use crate::state::{AppState, Loaded, Session, Tenant, random_hex, unix_now};
+
+/// A session taken for a turn: released (no longer busy) when dropped,
+/// unless the turn was submitted ([`Claim::keep`]); so a client that
+/// disconnects while its turn is being tokenized never leaves the session
+/// busy.
+pub(super) struct Claim {
+    state: Shared,
+    key: String,
+    id: strata_engine::SessionId,
+    /// The conversation so far.
+    pub(super) history: Vec<ChatMessage>,
+    /// Whether the last reply ended with end-of-sequence.
+    pub(super) ended_with_eos: bool,
+    /// Continued with raw completions.
+    pub(super) raw: bool,
+    armed: bool,
+}
+
+impl Claim {
+    /// The turn is submitted: the generation releases the session when it
+    /// ends. Returns the engine's session.
+    pub(super) fn keep(mut self) -> strata_engine::SessionId {
+        self.armed = false;
+        self.id.clone()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.armed {
+            release_session(&self.state, &self.key);
+        }
+    }
+}
 
 /// Takes a session for a turn: it must exist, belong to the tenant, and
-/// have no turn running (409). Returns its engine id and what the template
-/// needs.
-pub(super) fn take_session(
-    state: &AppState,
-    t: &Tenant,
-    key: &str,
-) -> Result<(strata_engine::SessionId, Vec<ChatMessage>, bool, bool), ApiError> {
+/// have no turn running (409).
+pub(super) fn take_session(state: &Shared, t: &Tenant, key: &str) -> Result<Claim, ApiError> {
     let mut sessions = state.sessions();
     let s = sessions
         .get_mut(key)
@@ -37,13 +69,48 @@ pub(super) fn take_session(
         )));
     }
     s.busy = true;
-    Ok((s.id.clone(), s.history.clone(), s.ended_with_eos, s.raw))
+    Ok(Claim {
+        state: state.clone(),
+        key: key.to_string(),
+        id: s.id.clone(),
+        history: s.history.clone(),
+        ended_with_eos: s.ended_with_eos,
+        raw: s.raw,
+        armed: true,
+    })
 }
 
+/// The session's turn is over: it may take the next one, and its idle
+/// time starts now.
 pub(super) fn release_session(state: &AppState, key: &str) {
     if let Some(s) = state.sessions().get_mut(key) {
         s.busy = false;
+        s.last_used = Instant::now();
     }
+}
+
+/// Deletes the sessions idle for longer than `--session-ttl` (the server
+/// runs this periodically): the engine gives up their pins, and their ids
+/// stop working. Returns how many were deleted.
+pub(crate) fn delete_expired(state: &AppState) -> usize {
+    let Some(l) = state.loaded.get() else {
+        return 0;
+    };
+    let ttl = state.args.session_ttl;
+    let expired: Vec<Session> = {
+        let mut sessions = state.sessions();
+        let keys: Vec<String> = sessions
+            .iter()
+            .filter(|(_, s)| !s.busy && s.last_used.elapsed() >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| sessions.remove(k)).collect()
+    };
+    for s in &expired {
+        // Already gone from the engine (it unpins on its own clock) is fine.
+        let _ = l.engine.destroy_session(&s.id);
+    }
+    expired.len()
 }
 
 #[derive(Deserialize, Default)]
@@ -85,13 +152,20 @@ pub(super) async fn create_session(
     };
     check_model(&l, req.model.as_deref())?;
     let salt = salt(&state, t, req.cache_salt.as_deref())?;
+    let max = state.args.max_sessions;
+    if state
+        .sessions()
+        .values()
+        .filter(|s| s.owner == t.index)
+        .count()
+        >= max
+    {
+        return Err(ApiError::too_many(format!(
+            "this key already holds {max} sessions, the most allowed; delete one first"
+        )));
+    }
     let id = l.engine.create_session(salt)?;
-    let mut raw = [0u8; 12];
-    getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
-    let key = format!(
-        "sess_{}",
-        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let key = format!("sess_{}", random_hex(12));
     let s = Session {
         id,
         owner: t.index,
@@ -100,6 +174,7 @@ pub(super) async fn create_session(
         created: unix_now(),
         busy: false,
         raw: false,
+        last_used: Instant::now(),
     };
     let body = session_json(&key, &s, &l, None);
     state.sessions().insert(key, s);
@@ -113,13 +188,20 @@ pub(super) async fn list_sessions(
 ) -> Result<Response, ApiError> {
     let t = tenant(&state, &headers)?;
     let l = loaded(&state)?;
-    let infos = l.engine.sessions();
+    let engine = l.clone();
+    let infos: HashMap<u64, strata_engine::SessionInfo> =
+        tokio::task::spawn_blocking(move || engine.engine.sessions())
+            .await
+            .map_err(|e| ApiError::internal(format!("listing sessions failed: {e}")))?
+            .into_iter()
+            .map(|i| (i.id, i))
+            .collect();
     let sessions = state.sessions();
     let mut data: Vec<(u64, Value)> = sessions
         .iter()
         .filter(|(_, s)| s.owner == t.index)
         .map(|(k, s)| {
-            let info = infos.iter().find(|i| i.id == s.id.id);
+            let info = infos.get(&s.id.id);
             (s.id.id, session_json(k, s, &l, info))
         })
         .collect();
@@ -150,7 +232,10 @@ pub(super) async fn delete_session(
             format!("session '{key}' does not exist"),
         )
     })?;
-    l.engine.destroy_session(&s.id)?;
+    // It waits for the scheduler's answer: off the async workers.
+    tokio::task::spawn_blocking(move || l.engine.destroy_session(&s.id))
+        .await
+        .map_err(|e| ApiError::internal(format!("deleting the session failed: {e}")))??;
     Ok(
         axum::Json(json!({"id": key, "object": "session.deleted", "deleted": true}))
             .into_response(),

@@ -7,8 +7,8 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::generation::{Generation, Kind, Step, TextLogprobs};
-use crate::state::unix_now;
+use super::generation::{Generation, Kind, Step};
+use super::logprobs::{ChatLogprobs, TextLogprobs};
 
 /// A streamed generation: server-sent events, one chunk per token, a last
 /// chunk with the finish reason, the usage if asked for, then `[DONE]`.
@@ -18,7 +18,8 @@ pub(super) struct Streamer {
     queue: VecDeque<String>,
     started: bool,
     over: bool,
-    created: u64,
+    /// Where the next token starts, in characters of the whole text.
+    offset: usize,
 }
 
 impl Streamer {
@@ -32,8 +33,9 @@ impl Streamer {
         let mut v = json!({
             "id": self.g.id,
             "object": object,
-            "created": self.created,
+            "created": self.g.created,
             "model": self.g.loaded.name,
+            "system_fingerprint": self.g.loaded.fingerprint,
             "choices": choices,
         });
         if self.include_usage {
@@ -58,7 +60,7 @@ impl Streamer {
                 self.started = true;
                 match self.g.kind {
                     Kind::Chat => {
-                        let c = self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+                        let c = self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "logprobs": null, "finish_reason": null}));
                         self.queue.push_back(c);
                     }
                     Kind::Completion => {
@@ -77,20 +79,28 @@ impl Streamer {
                     top,
                     text,
                 }) => {
-                    let offset = self.g.echo.as_ref().map_or(0, String::len) + self.g.text.len()
-                        - text.len();
+                    let offset = self.offset;
+                    self.offset += text.chars().count();
+                    let tok = &self.g.loaded.tokenizer;
                     let choice = match self.g.kind {
-                        Kind::Chat => json!({
-                            "index": 0,
-                            "delta": {"content": text},
-                            "logprobs": self.g.logprobs.map(|_| json!({"content": [self.g.chat_logprob(id, logprob, &top)]})),
-                            "finish_reason": null,
-                        }),
+                        Kind::Chat => {
+                            let lp = self.g.logprobs.map(|_| {
+                                let mut l = ChatLogprobs::default();
+                                l.push(tok, id, logprob, &top);
+                                l
+                            });
+                            json!({
+                                "index": 0,
+                                "delta": {"content": text},
+                                "logprobs": lp,
+                                "finish_reason": null,
+                            })
+                        }
                         Kind::Completion => {
                             let lp = self.g.logprobs.map(|_| {
                                 let mut l = TextLogprobs::default();
-                                l.push(&self.g.loaded.tokenizer, offset, id, logprob, &top);
-                                l.json()
+                                l.push(tok, offset, id, logprob, &top);
+                                l
                             });
                             json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null})
                         }
@@ -129,13 +139,14 @@ impl Streamer {
 }
 
 pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
+    let offset = g.echo.as_ref().map_or(0, |e| e.chars().count());
     let s = Streamer {
         g,
         include_usage,
         queue: VecDeque::new(),
         started: false,
         over: false,
-        created: unix_now(),
+        offset,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         s.next()

@@ -3,29 +3,33 @@
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::generation::{Generation, Kind, Step, TextLogprobs};
+use super::generation::{Generation, Kind, Step};
+use super::logprobs::{ChatLogprobs, TextLogprobs};
 use crate::error::ApiError;
-use crate::state::unix_now;
 
 /// Runs a generation to its end and answers with one JSON object.
 pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiError> {
-    let mut chat_lp = Vec::new();
+    let mut chat_lp = ChatLogprobs::default();
     let mut text_lp = TextLogprobs::default();
     let prefix = g.echo.clone().unwrap_or_default();
+    // Where the next token starts, in characters of the whole text.
+    let mut offset = prefix.chars().count();
     loop {
         match g.next().await? {
             Step::Token {
-                id, logprob, top, ..
+                id,
+                logprob,
+                top,
+                text,
             } => {
                 if g.logprobs.is_some() {
+                    let tok = &g.loaded.tokenizer;
                     match g.kind {
-                        Kind::Chat => chat_lp.push(g.chat_logprob(id, logprob, &top)),
-                        Kind::Completion => {
-                            let offset = prefix.len() + g.text.len();
-                            text_lp.push(&g.loaded.tokenizer, offset, id, logprob, &top);
-                        }
+                        Kind::Chat => chat_lp.push(tok, id, logprob, &top),
+                        Kind::Completion => text_lp.push(tok, offset, id, logprob, &top),
                     }
                 }
+                offset += text.chars().count();
             }
             Step::Done { reason, usage } => {
                 let usage = Generation::usage_json(&usage);
@@ -33,12 +37,13 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                     Kind::Chat => json!({
                         "id": g.id,
                         "object": "chat.completion",
-                        "created": unix_now(),
+                        "created": g.created,
                         "model": g.loaded.name,
+                        "system_fingerprint": g.loaded.fingerprint,
                         "choices": [{
                             "index": 0,
-                            "message": {"role": "assistant", "content": g.text},
-                            "logprobs": g.logprobs.map(|_| json!({"content": chat_lp})),
+                            "message": {"role": "assistant", "content": g.text, "refusal": null},
+                            "logprobs": g.logprobs.map(|_| &chat_lp),
                             "finish_reason": reason,
                         }],
                         "usage": usage,
@@ -46,12 +51,13 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                     Kind::Completion => json!({
                         "id": g.id,
                         "object": "text_completion",
-                        "created": unix_now(),
+                        "created": g.created,
                         "model": g.loaded.name,
+                        "system_fingerprint": g.loaded.fingerprint,
                         "choices": [{
                             "index": 0,
                             "text": format!("{prefix}{}", g.text),
-                            "logprobs": g.logprobs.map(|_| text_lp.json()),
+                            "logprobs": g.logprobs.map(|_| &text_lp),
                             "finish_reason": reason,
                         }],
                         "usage": usage,

@@ -85,14 +85,42 @@ fn chat_and_completions_answer_whole_and_streamed_alike() {
         .clone();
     let c = s.post(
         "/v1/completions",
-        &json!({"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 2, "echo": true}),
+        &json!({"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "echo": true}),
     );
     assert_eq!(c.status, 200, "{}", c.body);
     let c = c.json();
     assert_eq!(c["object"], "text_completion");
-    let text = c["choices"][0]["text"].as_str().unwrap();
+    let text = c["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(text.starts_with("once upon a time"), "{text:?}");
+    // Echo with logprobs would need the prompt's: refused, not half-done.
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 6, "logprobs": 2, "echo": true}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("echo"))
+    );
+    let c = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 2}),
+    );
+    assert_eq!(c.status, 200, "{}", c.body);
+    let c = c.json();
+    let generated = c["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(format!("once upon a time{generated}"), text);
     let lp = &c["choices"][0]["logprobs"];
+    // Each token's offset is where its text starts, in characters.
+    let mut at = 0;
+    for (tok, off) in lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lp["text_offset"].as_array().unwrap())
+    {
+        assert_eq!(off.as_u64().unwrap() as usize, at, "{lp}");
+        at += tok.as_str().unwrap().chars().count();
+    }
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 6);
     for top in lp["top_logprobs"].as_array().unwrap() {
@@ -254,7 +282,7 @@ fn models_tokenize_detokenize_health_and_metrics() {
 
 #[test]
 fn sessions_continue_belong_to_their_key_and_refuse_a_second_turn() {
-    let s = TestServer::tiny(&["--api-key", "key-a", "--api-key", "key-b"]);
+    let s = TestServer::tiny(&["--api-key", "key-alpha", "--api-key", "key-bravo"]);
     let created = s.post("/v1/sessions", &json!({}));
     assert_eq!(created.status, 201, "{}", created.body);
     let id = created.json()["id"].as_str().unwrap().to_string();
@@ -278,7 +306,7 @@ fn sessions_continue_belong_to_their_key_and_refuse_a_second_turn() {
     assert!(c2 >= total1 - 1, "cached {c2} of the first turn's {total1}");
 
     // Another key cannot see, use or delete it.
-    let list_b = s.get_as("/v1/sessions", Some("key-b")).json();
+    let list_b = s.get_as("/v1/sessions", Some("key-bravo")).json();
     assert_eq!(list_b["data"], json!([]));
     let mut b = chat("hi", 2);
     b["session"] = json!(id);
@@ -286,14 +314,14 @@ fn sessions_continue_belong_to_their_key_and_refuse_a_second_turn() {
         "/v1/chat/completions",
         "application/json",
         b.to_string().as_bytes(),
-        Some("key-b"),
+        Some("key-bravo"),
     );
     assert_eq!(
         (r.status, r.error_type().as_str()),
         (404, "not_found_error")
     );
     assert_eq!(
-        s.delete(&format!("/v1/sessions/{id}"), Some("key-b"))
+        s.delete(&format!("/v1/sessions/{id}"), Some("key-bravo"))
             .status,
         404
     );
@@ -309,9 +337,11 @@ fn sessions_continue_belong_to_their_key_and_refuse_a_second_turn() {
     assert!(open.next_data().is_some());
     let r = s.post("/v1/chat/completions", &b);
     assert_eq!(r.status, 409, "{}", r.body);
+    // The openai package would retry a 409 twice unless told not to.
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     drop(open);
     // Deleting it (even mid-turn) is safe; then it is gone.
-    let d = s.delete(&format!("/v1/sessions/{id}"), Some("key-a"));
+    let d = s.delete(&format!("/v1/sessions/{id}"), Some("key-alpha"));
     assert_eq!(d.status, 200, "{}", d.body);
     let r = s.post("/v1/chat/completions", &b);
     assert_eq!(r.status, 404, "{}", r.body);
@@ -346,9 +376,9 @@ fn cache_salts_separate_prefixes_and_need_the_operator() {
 
 #[test]
 fn keys_are_required_when_configured() {
-    let s = TestServer::tiny(&["--api-key", "secret"]);
+    let s = TestServer::tiny(&["--api-key", "secret-key"]);
     let body = chat("hi", 2).to_string();
-    for key in [None, Some("wrong"), Some("secre"), Some("secret2")] {
+    for key in [None, Some("wrong"), Some("secret-ke"), Some("secret-key2")] {
         let r = s.post_raw(
             "/v1/chat/completions",
             "application/json",
@@ -366,7 +396,7 @@ fn keys_are_required_when_configured() {
         "/v1/chat/completions",
         "application/json",
         body.as_bytes(),
-        Some("secret"),
+        Some("secret-key"),
     );
     assert_eq!(r.status, 200);
     // Health and metrics stay open for probes and scrapers.

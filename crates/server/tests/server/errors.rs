@@ -43,7 +43,7 @@ fn bad_inputs_get_their_status_and_error_type() {
             "/v1/chat/completions",
             "application/json",
             json!({"messages": "hi"}).to_string().into_bytes(),
-            422,
+            400,
             "invalid_request_error",
         ),
         (
@@ -53,7 +53,7 @@ fn bad_inputs_get_their_status_and_error_type() {
             json!({"messages": msgs, "temperature": "hot"})
                 .to_string()
                 .into_bytes(),
-            422,
+            400,
             "invalid_request_error",
         ),
         (
@@ -61,7 +61,7 @@ fn bad_inputs_get_their_status_and_error_type() {
             "/v1/completions",
             "application/json",
             json!({"max_tokens": 3}).to_string().into_bytes(),
-            422,
+            400,
             "invalid_request_error",
         ),
         (
@@ -266,6 +266,7 @@ fn a_request_past_its_timeout_gets_408_and_gives_its_blocks_back() {
         &json!({"prompt": "hi", "max_tokens": 400, "ignore_eos": true}),
     );
     assert_eq!(r.status, 408, "{}", r.body);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     assert_eq!(r.error_type(), "timeout_error");
     s.wait_idle();
     let st = s.server().stats().unwrap();

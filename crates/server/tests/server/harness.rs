@@ -24,9 +24,18 @@ pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) retry_after: Option<String>,
     pub(crate) body: String,
+    headers: Vec<(String, String)>,
 }
 
 impl Reply {
+    /// A response header's value.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
@@ -123,6 +132,11 @@ impl TestServer {
                 .headers()
                 .get("retry-after")
                 .map(|v| v.to_str().unwrap().to_string()),
+            headers: r
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
             body: r.body_mut().read_to_string().unwrap(),
         }
     }

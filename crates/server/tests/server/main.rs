@@ -6,5 +6,6 @@
 mod api;
 mod errors;
 mod harness;
+mod hostile;
 mod load;
 mod real;
