@@ -25,7 +25,7 @@ pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;
 pub use llama::{KV_FORMAT_VERSION, LlamaModel, LoadOptions, SeqInput};
 pub use sampling::{Sampled, Sampler, SamplingParams};
-pub use tokenizer::{Detokenizer, Tokenizer};
+pub use tokenizer::{CHUNK, Detokenizer, Tokenizer};
 pub use weights::{Gguf, requantized_type, sha256_file};
 
 /// Sets the number of threads candle's quantized matmuls use. It takes

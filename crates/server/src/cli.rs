@@ -130,6 +130,19 @@ pub struct ServeArgs {
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub max_body: u64,
 
+    /// Connections open at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+
+    /// A request's headers must arrive within this long (seconds); an idle
+    /// keep-alive connection is closed after it too.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub header_timeout: Duration,
+
+    /// A request's body must arrive within this long (seconds).
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub body_timeout: Duration,
+
     /// A request running longer than this is aborted (seconds).
     #[arg(long, default_value = "600", value_parser = parse_secs)]
     pub request_timeout: Duration,

@@ -119,6 +119,18 @@ impl ApiError {
         }
     }
 
+    /// 408: the body did not arrive within `--body-timeout`.
+    pub(crate) fn timeout_body() -> Self {
+        Self {
+            code: Some("timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout_error",
+                "the request body did not arrive in time",
+            )
+        }
+    }
+
     /// The error object, as sent (also inside a stream).
     pub(crate) fn body(&self) -> serde_json::Value {
         json!({

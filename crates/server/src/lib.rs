@@ -9,6 +9,7 @@ pub mod cli;
 
 mod api;
 mod error;
+mod listen;
 mod metrics;
 mod openai;
 mod state;
@@ -57,22 +58,13 @@ impl Server {
             hash_key.clone(),
             metrics::Metrics::new(stats.clone()),
         ));
-        let (stop, mut stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
         let app = api::router(state.clone());
-        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's
-        // algorithm holds each behind the previous one's (delayed) ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!("cannot set TCP_NODELAY: {e}");
-            }
-        });
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let limits = listen::Limits {
+            max_connections: args.max_connections,
+            header_timeout: args.header_timeout,
+        };
+        let serve = tokio::spawn(listen::serve(listener, app, limits, stopped));
         // Idle sessions are deleted after their time-to-live, checked a few
         // times per TTL (the deletion waits on the scheduler: off the async
         // workers).

@@ -273,3 +273,57 @@ fn real_model_names_reach_the_template_as_plain_text() {
     assert!(ids.ends_with(&cont), "{cont:?}");
     assert_eq!(cont[0], end, "the continuation starts with the reply's end");
 }
+
+/// Long text is tokenized in pieces: the ids must be the whole text's,
+/// whatever the text (words, numbers, contractions, runs of spaces and
+/// punctuation, non-ASCII letters and marks, no ASCII at all).
+#[test]
+fn real_model_long_text_in_pieces_tokenizes_as_a_whole() {
+    let (tok, _) = real_tokenizer();
+    let fragments = [
+        "the ",
+        "cache's ",
+        "2024",
+        "x1",
+        "a-b",
+        "<|im_end|>",
+        "  ",
+        "\n\n",
+        "it'll",
+        "\u{e9}t\u{e9} ",
+        "\u{915}\u{93e},",
+        "\u{65e5}\u{672c}",
+        "...",
+        "e\u{301}",
+        "'s",
+        "\t",
+        "\u{a0}",
+        "12.5%",
+        "\u{3000}",
+        "don\u{2019}t ",
+    ];
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..24 {
+        let n = 2_000 + (next() % 6_000) as usize;
+        let text: String = (0..n)
+            .map(|_| fragments[(next() % fragments.len() as u64) as usize])
+            .collect();
+        assert!(text.len() > strata_model::CHUNK, "round {round}");
+        assert_eq!(
+            tok.encode(&text).unwrap(),
+            tok.encode_whole(&text).unwrap(),
+            "round {round}"
+        );
+    }
+    let no_ascii = "\u{65e5}\u{672c}\u{8a9e}".repeat(4_000);
+    assert_eq!(
+        tok.encode(&no_ascii).unwrap(),
+        tok.encode_whole(&no_ascii).unwrap()
+    );
+}

@@ -1,8 +1,6 @@
 //! `POST /v1/chat/completions`.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use strata_kv::TokenId;
@@ -10,7 +8,7 @@ use strata_model::{ChatMessage, ChatTemplate};
 
 use super::generation::{Arrival, Kind, Submission, Turn, submit};
 use super::sessions::take_session;
-use super::{Shared, begin, check_model, off_thread, salt};
+use super::{RawBody, Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, Role};
 use crate::state::Loaded;
@@ -18,7 +16,7 @@ use crate::state::Loaded;
 pub(super) async fn chat(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let arrival = Arrival::now();
     let (t, l, req): (_, _, ChatRequest) = begin(&state, &headers, body)?;

@@ -1,15 +1,13 @@
 //! `POST /v1/completions`.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use strata_kv::TokenId;
 
 use super::generation::{Arrival, Kind, Submission, Turn, submit};
 use super::sessions::take_session;
-use super::{Shared, begin, check_model, off_thread, salt};
+use super::{RawBody, Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, CompletionRequest, Prompt};
 use crate::state::Loaded;
@@ -103,7 +101,7 @@ pub(super) fn check_prompt_bytes(l: &Loaded, p: &Prompt) -> Result<(), ApiError>
 pub(super) async fn completions(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let arrival = Arrival::now();
     let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body)?;

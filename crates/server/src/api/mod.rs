@@ -17,9 +17,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::FromRequest;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -37,7 +36,6 @@ type Shared = Arc<AppState>;
 /// before the handler reads the body, so an unauthenticated client cannot
 /// make the server read (or wait for) megabytes.
 pub(crate) fn router(state: Shared) -> Router<()> {
-    let limit = usize::try_from(state.args.max_body).unwrap_or(usize::MAX);
     let tenants = Router::new()
         .route("/v1/models", get(models::models))
         .route("/v1/models/{id}", get(models::model))
@@ -64,7 +62,6 @@ pub(crate) fn router(state: Shared) -> Router<()> {
         .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -164,12 +161,56 @@ fn loaded(state: &AppState) -> Result<Arc<Loaded>, ApiError> {
 fn begin<'a, T: DeserializeOwned>(
     state: &'a AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
 ) -> Result<(&'a Tenant, Arc<Loaded>, T), ApiError> {
     let t = tenant(state, headers)?;
     let l = loaded(state)?;
-    let req = parse(headers, body, state.args.max_body)?;
+    let req = parse(headers, body)?;
     Ok((t, l, req))
+}
+
+/// A request's body, read whole within `--body-timeout` and `--max-body`.
+/// The time bound is on the whole body, not on the gap between its bytes
+/// (tower-http's body timeout bounds only the gap, so a client sending a
+/// byte every few seconds would hold a handler for as long as it liked).
+pub(super) struct RawBody(pub(super) Result<Bytes, ApiError>);
+
+impl FromRequest<Shared> for RawBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        let max = state.args.max_body;
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let read = axum::body::to_bytes(req.into_body(), limit);
+        Ok(RawBody(
+            match tokio::time::timeout(state.args.body_timeout, read).await {
+                Err(_) => Err(ApiError::timeout_body()),
+                Ok(Ok(b)) => Ok(b),
+                Ok(Err(e)) if too_large(&e) => Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    ..ApiError::bad_request(format!("the request body is larger than {max} bytes"))
+                }),
+                Ok(Err(e)) => Err(ApiError::bad_request(format!(
+                    "cannot read the request body: {e}"
+                ))),
+            },
+        ))
+    }
+}
+
+/// Whether reading a body failed at the size limit.
+fn too_large(e: &axum::Error) -> bool {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = at {
+        if x.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        at = x.source();
+    }
+    false
 }
 
 /// Parses a JSON body: 415 for another content type, 413 over the size
@@ -177,19 +218,9 @@ fn begin<'a, T: DeserializeOwned>(
 /// (with `param` naming the field).
 fn parse<T: DeserializeOwned>(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    limit: u64,
+    body: Result<Bytes, ApiError>,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                ..ApiError::bad_request(format!("the request body is larger than {limit} bytes"))
-            }
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {r}"))
-        }
-    })?;
+    let body = body?;
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -3,8 +3,6 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_model::ChatMessage;
 
-use super::{Shared, check_model, loaded, parse, salt, tenant};
+use super::{RawBody, Shared, check_model, loaded, parse, salt, tenant};
 use crate::error::ApiError;
 use crate::state::{AppState, Loaded, Session, Tenant, random_hex, unix_now};
 
@@ -140,7 +138,7 @@ pub(super) fn session_json(
 pub(super) async fn create_session(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let t = tenant(&state, &headers)?;
     let l = loaded(&state)?;
@@ -148,7 +146,7 @@ pub(super) async fn create_session(
     let req: CreateSession = if empty {
         CreateSession::default()
     } else {
-        parse(&headers, body, state.args.max_body)?
+        parse(&headers, body)?
     };
     check_model(&l, req.model.as_deref())?;
     let salt = salt(&state, t, req.cache_salt.as_deref())?;

@@ -1,8 +1,6 @@
 //! llama-server's `/tokenize` and `/detokenize`.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -11,7 +9,7 @@ use strata_kv::TokenId;
 
 use super::chat::template_messages;
 use super::completions::completion_prompt;
-use super::{Shared, begin, off_thread};
+use super::{RawBody, Shared, begin, off_thread};
 use crate::error::ApiError;
 use crate::openai::{self, Prompt};
 
@@ -31,7 +29,7 @@ pub(super) struct TokenizeRequest {
 pub(super) async fn tokenize(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let (_, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body)?;
     let messages = match (&req.content, &req.messages) {
@@ -88,7 +86,7 @@ pub(super) struct DetokenizeRequest {
 pub(super) async fn detokenize(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let (_, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body)?;
     let (ids, _) = completion_prompt(&l, &Prompt::Tokens(req.tokens))?;

@@ -9,3 +9,4 @@ mod harness;
 mod hostile;
 mod load;
 mod real;
+mod slow;

@@ -1,0 +1,140 @@
+//! Slow and stalled clients (issue 6/10): connections trickling headers
+//! (slowloris), bodies that never finish, and more connections than the
+//! cap. The server keeps answering others, and closes what it must.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::harness::TestServer;
+
+fn connect(s: &TestServer) -> TcpStream {
+    let addr = s.server().addr();
+    let c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c
+}
+
+/// Reads until the server closes the connection; returns what it sent
+/// and how long that took. A read timeout (the server kept it open) fails.
+fn until_closed(mut c: TcpStream) -> (String, Duration) {
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // A reset is closed too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), t.elapsed())
+}
+
+/// Headers that never finish hold a connection only until the header
+/// timeout, and never delay anyone else meanwhile.
+#[test]
+fn connections_trickling_headers_are_closed_and_never_stall_others() {
+    let s = TestServer::tiny(&["--header-timeout", "1", "--max-connections", "256"]);
+    let lorises: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut c = connect(&s);
+            c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+                .unwrap();
+            c
+        })
+        .collect();
+    let t = Instant::now();
+    assert_eq!(s.get("/health").status, 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    for c in lorises {
+        let (_, took) = until_closed(c);
+        assert!(took < Duration::from_secs(15), "{took:?}");
+    }
+    // A keep-alive connection left idle is closed the same way.
+    let mut idle = connect(&s);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (reply, _) = until_closed(idle);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(s.get("/health").status, 200);
+}
+
+/// A body that never finishes gets 408 after the body timeout; the handler
+/// is not held.
+#[test]
+fn a_body_that_never_finishes_gets_408() {
+    let s = TestServer::tiny(&["--body-timeout", "0.5"]);
+    let mut c = connect(&s);
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ",
+    )
+    .unwrap();
+    // One more byte now and then: a per-gap timeout would never fire.
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                std::thread::sleep(Duration::from_millis(200));
+                if c.write_all(b" ").is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (reply, took) = until_closed(c);
+    writer.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("timeout_error"), "{reply}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    s.wait_idle();
+    let st = s.server().stats().unwrap();
+    assert_eq!(st.pool.owned + st.pool.quarantined, 0, "{st:?}");
+}
+
+/// Past the connection cap, a new connection is closed at once (not
+/// queued behind the others); when connections close, new ones are served.
+#[test]
+fn connections_past_the_cap_are_closed_at_once() {
+    let s = TestServer::tiny(&["--max-connections", "8", "--header-timeout", "60"]);
+    // Eight keep-alive connections, each answered once (so each is surely
+    // accepted and counted), then left open.
+    let held: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = connect(&s);
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while !String::from_utf8_lossy(&got).contains("\"ok\"}") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            c
+        })
+        .collect();
+    let mut extra = connect(&s);
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (reply, took) = until_closed(extra);
+    assert!(reply.is_empty(), "{reply}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    drop(held);
+    let start = Instant::now();
+    loop {
+        let mut c = connect(&s);
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (reply, _) = until_closed(c);
+        if reply.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never served again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
