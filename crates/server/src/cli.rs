@@ -234,11 +234,11 @@ impl ServeArgs {
             .as_deref()
             .map(|k| check_key("--metrics-key", k))
             .transpose()?;
-        let mut all: Vec<&String> = tenants.iter().chain(&admin).collect();
+        let mut all: Vec<&String> = tenants.iter().chain(&admin).chain(&metrics).collect();
         all.sort();
         if all.windows(2).any(|w| w[0] == w[1]) {
             return Err(
-                "the same key is given twice (API keys and the admin key must all differ)".into(),
+                "the same key is given twice (API keys, the admin key and the metrics key must all differ)".into(),
             );
         }
         Ok(Keys {

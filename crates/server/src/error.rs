@@ -151,11 +151,11 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        // The openai package retries 408 and 409 twice unless told not to:
+        // The openai package retries 408, 409 and 429 twice unless told not to:
         // a timed-out or busy request would only run (and wait) again.
         if matches!(
             self.status,
-            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT
+            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
         ) {
             r.headers_mut().insert(
                 HeaderName::from_static("x-should-retry"),
@@ -185,13 +185,17 @@ impl From<EngineError> for ApiError {
                 format!("the server is busy ({n} requests waiting); retry shortly"),
                 1,
             ),
-            EngineError::UnknownSession(s) => {
-                Self::not_found("session_not_found", format!("{s} does not exist"))
+            // The engine's session numbers are sequential across tenants:
+            // never shown (they would count everyone's sessions).
+            EngineError::UnknownSession(_) | EngineError::SessionOfAnotherModel { .. } => {
+                Self::not_found("session_not_found", "the session does not exist")
             }
-            e @ EngineError::SessionOfAnotherModel { .. } => {
-                Self::not_found("session_not_found", e.to_string())
-            }
-            e @ EngineError::SessionBusy(_) => Self::conflict(e.to_string()),
+            // The server released the session (its client left) but the
+            // engine is still ending that turn: a moment, so 503 and retry.
+            EngineError::SessionBusy(_) => Self::unavailable(
+                "the session's previous turn is still ending; retry shortly",
+                1,
+            ),
             e @ EngineError::NoTokenizer => Self::invalid("stop", e.to_string()),
             EngineError::Stopped => Self::unavailable(
                 "the engine has stopped (shutting down, or see the server log)",

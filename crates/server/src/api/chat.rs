@@ -19,9 +19,15 @@ pub(super) async fn chat(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let arrival = Arrival::now();
-    let (t, l, req): (_, _, ChatRequest) = begin(&state, &headers, body)?;
+    let (t, l, req): (_, _, ChatRequest) = begin(&state, &headers, body).await?;
     check_model(&l, req.common.model.as_deref())?;
     let top = openai::top_logprobs("top_logprobs", req.top_logprobs)?;
+    if top > 0 && !req.logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true",
+        ));
+    }
     let logprobs = req.logprobs.then_some(top);
     let checked = req.common.check(l.vocab, top)?;
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
@@ -80,6 +86,16 @@ pub(super) fn template_messages(
 ) -> Result<Vec<ChatMessage>, ApiError> {
     if given.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    // Every message renders to at least one token of the template's own:
+    // more messages than the context has tokens cannot fit, whatever they
+    // say (and rendering them all would cost the CPU others need).
+    if given.len() >= l.engine.context() {
+        return Err(ApiError::context_exceeded(format!(
+            "{} messages cannot fit this model's maximum context length of {} tokens",
+            given.len(),
+            l.engine.context()
+        )));
     }
     let messages = given
         .iter()

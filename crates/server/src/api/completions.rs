@@ -12,26 +12,29 @@ use crate::error::ApiError;
 use crate::openai::{self, CompletionRequest, Prompt};
 use crate::state::Loaded;
 
+/// Token ids as the client gave them, checked against the vocabulary.
+pub(super) fn token_ids(l: &Loaded, v: &[i64]) -> Result<Vec<TokenId>, ApiError> {
+    v.iter()
+        .map(|&t| {
+            if t < 0 || t as usize >= l.vocab {
+                Err(ApiError::invalid(
+                    "prompt",
+                    format!("token id {t} is outside the vocabulary (0..{})", l.vocab),
+                ))
+            } else {
+                Ok(TokenId::new(t as u32))
+            }
+        })
+        .collect()
+}
+
 /// The prompt of a completion: text (special-token strings are parsed, as
 /// Hugging Face tokenizers do for raw prompts) or token ids.
 pub(super) fn completion_prompt(
     l: &Loaded,
     p: &Prompt,
 ) -> Result<(Vec<TokenId>, String), ApiError> {
-    let ids = |v: &[i64]| -> Result<Vec<TokenId>, ApiError> {
-        v.iter()
-            .map(|&t| {
-                if t < 0 || t as usize >= l.vocab {
-                    Err(ApiError::invalid(
-                        "prompt",
-                        format!("token id {t} is outside the vocabulary (0..{})", l.vocab),
-                    ))
-                } else {
-                    Ok(TokenId::new(t as u32))
-                }
-            })
-            .collect()
-    };
+    let ids = |v: &[i64]| token_ids(l, v);
     let text = |s: &str| -> Result<(Vec<TokenId>, String), ApiError> {
         let tok = &l.tokenizer;
         let mut t = Vec::new();
@@ -78,8 +81,23 @@ pub(super) fn completion_prompt(
     }
 }
 
-/// Refuses a text prompt that cannot fit the context before tokenizing it.
+/// Refuses a prompt that cannot fit the context before tokenizing (or
+/// decoding) it: text by its bytes, token ids by their count.
 pub(super) fn check_prompt_bytes(l: &Loaded, p: &Prompt) -> Result<(), ApiError> {
+    let ids = match p {
+        Prompt::Tokens(v) => v.len(),
+        Prompt::TokenLists(v) => v.iter().map(Vec::len).sum(),
+        Prompt::Text(_) | Prompt::Texts(_) => 0,
+    };
+    if ids >= l.engine.context() {
+        return Err(ApiError {
+            param: Some("prompt".into()),
+            ..ApiError::context_exceeded(format!(
+                "This model's maximum context length is {} tokens. However, the prompt has {ids} tokens. Please shorten the prompt.",
+                l.engine.context()
+            ))
+        });
+    }
     let bytes = match p {
         Prompt::Text(s) => s.len(),
         Prompt::Texts(v) => v.iter().map(String::len).sum(),
@@ -104,7 +122,7 @@ pub(super) async fn completions(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let arrival = Arrival::now();
-    let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body)?;
+    let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body).await?;
     check_model(&l, req.common.model.as_deref())?;
     let logprobs = match req.logprobs {
         None => None,
@@ -133,9 +151,6 @@ pub(super) async fn completions(
                     "session",
                     "this session holds a chat conversation; continue it with /v1/chat/completions",
                 ));
-            }
-            if let Some(s) = state.sessions().get_mut(key) {
-                s.raw = true;
             }
             Some((
                 Turn {

@@ -141,16 +141,18 @@ impl Generation {
                         FinishReason::Abort => "abort",
                         FinishReason::Error(_) => "error",
                     };
+                    // The session learns the turn before it is free again,
+                    // so the next turn never sees the history without it.
+                    if matches!(reason, FinishReason::Stop | FinishReason::Length) {
+                        self.record_turn();
+                    }
                     self.end(name);
                     self.log(name, &usage);
                     return match reason {
-                        FinishReason::Stop | FinishReason::Length => {
-                            self.record_turn();
-                            Ok(Step::Done {
-                                reason: name,
-                                usage,
-                            })
-                        }
+                        FinishReason::Stop | FinishReason::Length => Ok(Step::Done {
+                            reason: name,
+                            usage,
+                        }),
                         FinishReason::Abort => Err(match &self.turn {
                             Some(t) if !self.state.sessions().contains_key(&t.key) => {
                                 ApiError::not_found(
@@ -163,6 +165,19 @@ impl Generation {
                                 5,
                             ),
                         }),
+                        // The session was deleted while its turn was on
+                        // its way to the engine.
+                        FinishReason::Error(_)
+                            if self
+                                .turn
+                                .as_ref()
+                                .is_some_and(|t| !self.state.sessions().contains_key(&t.key)) =>
+                        {
+                            Err(ApiError::not_found(
+                                "session_not_found",
+                                "the session was deleted during its turn",
+                            ))
+                        }
                         FinishReason::Error(e) if !self.loaded.engine.is_alive() => {
                             Err(ApiError::unavailable(
                                 format!("the engine stopped ({e}); see the server log"),
@@ -217,6 +232,9 @@ impl Generation {
             .as_ref()
             .is_some_and(|t| self.loaded.tokenizer.eos().contains(t));
         if let Some(s) = self.state.sessions().get_mut(&t.key) {
+            // A completed raw turn makes the session raw (a refused one
+            // leaves it as it was).
+            s.raw |= t.messages.is_none();
             if let Some(msgs) = &t.messages {
                 s.history.extend(msgs.iter().cloned());
                 s.history
@@ -257,6 +275,29 @@ impl Generation {
 
 impl Drop for Generation {
     fn drop(&mut self) {
+        // A session turn the engine completed before its client left: the
+        // engine's session holds it, so the server's history must too.
+        if !self.finished
+            && self.turn.is_some()
+            && let Some(h) = self.handle.as_mut()
+        {
+            let mut completed = false;
+            while let Ok(ev) = h.try_recv() {
+                match ev {
+                    Event::Token { id, text, .. } => {
+                        self.text.push_str(&text);
+                        self.last = Some(id);
+                    }
+                    Event::Finished { reason, .. } => {
+                        completed = matches!(reason, FinishReason::Stop | FinishReason::Length);
+                    }
+                    Event::Admitted { .. } => {}
+                }
+            }
+            if completed {
+                self.record_turn();
+            }
+        }
         // The client went away (or the handler returned early): dropping
         // the handle aborts the request; its blocks come back.
         self.end("abort");

@@ -133,12 +133,15 @@ async fn off_thread<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    let permit = state
-        .heavy
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is shutting down", 5))?;
+    // Waiting for a permit is bounded too: a crowd of long texts makes the
+    // others wait at most the request timeout, then answers 503.
+    let permit = tokio::time::timeout(
+        state.args.request_timeout,
+        state.heavy.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| ApiError::unavailable("the server is busy tokenizing; retry shortly", 1))?
+    .map_err(|_| ApiError::unavailable("the server is shutting down", 5))?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         work()
@@ -156,17 +159,36 @@ fn loaded(state: &AppState) -> Result<Arc<Loaded>, ApiError> {
         .ok_or_else(|| ApiError::unavailable("the model is still loading", 2))
 }
 
+/// Bodies larger than this are parsed on the blocking pool.
+const PARSE_OFF_THREAD: usize = 64 * 1024;
+
 /// What every JSON endpoint starts with: the caller's tenant (401), the
-/// model (503 while loading), the parsed body.
-fn begin<'a, T: DeserializeOwned>(
+/// model (503 while loading), the parsed body (a large one parsed off the
+/// async workers).
+async fn begin<'a, T: DeserializeOwned + Send + 'static>(
     state: &'a AppState,
     headers: &HeaderMap,
     body: Result<Bytes, ApiError>,
 ) -> Result<(&'a Tenant, Arc<Loaded>, T), ApiError> {
     let t = tenant(state, headers)?;
     let l = loaded(state)?;
-    let req = parse(headers, body)?;
+    let body = body?;
+    json_type(headers)?;
+    let req = if body.len() > PARSE_OFF_THREAD {
+        off_thread(state, move || decode(&body)).await??
+    } else {
+        decode(&body)?
+    };
     Ok((t, l, req))
+}
+
+/// A JSON body answered from bytes serialized off the async workers.
+fn json_bytes(bytes: Vec<u8>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::from(bytes),
+    )
+        .into_response()
 }
 
 /// A request's body, read whole within `--body-timeout` and `--max-body`.
@@ -213,31 +235,43 @@ fn too_large(e: &axum::Error) -> bool {
     false
 }
 
-/// Parses a JSON body: 415 for another content type, 413 over the size
-/// limit, 400 for invalid UTF-8, malformed JSON, or JSON of the wrong shape
-/// (with `param` naming the field).
+/// Parses a JSON body: 415 for another content type, 400 for invalid
+/// UTF-8, malformed JSON, or JSON of the wrong shape (with `param` naming
+/// the field); the body's own errors (413, 408) as read.
 fn parse<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, ApiError>,
 ) -> Result<T, ApiError> {
     let body = body?;
+    json_type(headers)?;
+    decode(&body)
+}
+
+/// 415 unless the body is declared JSON.
+fn json_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json_type {
-        return Err(ApiError {
+    if json_type {
+        Ok(())
+    } else {
+        Err(ApiError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ..ApiError::bad_request("send the body as JSON with `Content-Type: application/json`")
-        });
+        })
     }
-    if std::str::from_utf8(&body).is_err() {
+}
+
+/// Decodes a JSON body into `T`.
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("the request body is not valid UTF-8"));
     }
     // The path of the field at fault becomes the error's `param`, as
     // OpenAI names it; a wrong type or a missing field is a 400, as there.
-    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

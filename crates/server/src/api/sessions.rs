@@ -175,8 +175,22 @@ pub(super) async fn create_session(
         last_used: Instant::now(),
     };
     let body = session_json(&key, &s, &l, None);
-    state.sessions().insert(key, s);
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    {
+        // Counted again and inserted under one lock: a burst of creations
+        // cannot overshoot the cap.
+        let mut sessions = state.sessions();
+        if sessions.values().filter(|s| s.owner == t.index).count() < max {
+            sessions.insert(key, s);
+            return Ok((StatusCode::CREATED, axum::Json(body)).into_response());
+        }
+    }
+    let sid = s.id;
+    tokio::task::spawn_blocking(move || l.engine.destroy_session(&sid))
+        .await
+        .map_err(|e| ApiError::internal(format!("deleting the session failed: {e}")))??;
+    Err(ApiError::too_many(format!(
+        "this key already holds {max} sessions, the most allowed; delete one first"
+    )))
 }
 
 /// `GET /v1/sessions`: the caller's sessions.

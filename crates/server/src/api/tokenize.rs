@@ -2,16 +2,15 @@
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
 use strata_kv::TokenId;
 
 use super::chat::template_messages;
-use super::completions::completion_prompt;
-use super::{RawBody, Shared, begin, off_thread};
+use super::completions::token_ids;
+use super::{RawBody, Shared, begin, json_bytes, off_thread};
 use crate::error::ApiError;
-use crate::openai::{self, Prompt};
+use crate::openai;
 
 #[derive(Deserialize, Clone)]
 pub(super) struct TokenizeRequest {
@@ -31,7 +30,7 @@ pub(super) async fn tokenize(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (_, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body)?;
+    let (_, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body).await?;
     let messages = match (&req.content, &req.messages) {
         (Some(_), None) => None,
         (None, Some(m)) => {
@@ -44,7 +43,7 @@ pub(super) async fn tokenize(
         _ => return Err(ApiError::bad_request("give either `content` or `messages`")),
     };
     let work = l.clone();
-    let tokens = off_thread(&state, move || -> Result<Vec<TokenId>, ApiError> {
+    let body = off_thread(&state, move || -> Result<Vec<u8>, ApiError> {
         let tok = &work.tokenizer;
         match (messages, &req.content) {
             (Some(msgs), _) => work
@@ -71,10 +70,18 @@ pub(super) async fn tokenize(
                 Ok(t)
             }
         }
+        .map(|t| {
+            let tokens: Vec<u32> = t.into_iter().map(TokenId::get).collect();
+            serde_json::to_vec(&Tokens { tokens }).unwrap_or_default()
+        })
     })
     .await??;
-    let ids: Vec<u32> = tokens.into_iter().map(TokenId::get).collect();
-    Ok(axum::Json(json!({"tokens": ids})).into_response())
+    Ok(json_bytes(body))
+}
+
+#[derive(Serialize)]
+struct Tokens {
+    tokens: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -88,7 +95,13 @@ pub(super) async fn detokenize(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (_, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body)?;
-    let (ids, _) = completion_prompt(&l, &Prompt::Tokens(req.tokens))?;
-    Ok(axum::Json(json!({"content": l.tokenizer.decode(&ids, true)})).into_response())
+    let (_, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body).await?;
+    // A long list decodes to a long text: built off the async workers.
+    let body = off_thread(&state, move || -> Result<Vec<u8>, ApiError> {
+        let ids = token_ids(&l, &req.tokens)?;
+        let content = l.tokenizer.decode(&ids, true);
+        Ok(serde_json::to_vec(&serde_json::json!({ "content": content })).unwrap_or_default())
+    })
+    .await??;
+    Ok(json_bytes(body))
 }

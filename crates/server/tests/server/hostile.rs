@@ -220,6 +220,10 @@ fn a_special_token_flood_never_stalls_the_server() {
                 })
             })
             .collect();
+        let decoder = scope.spawn(|| {
+            let r = s.post("/detokenize", &json!({"tokens": vec![7; 1_000_000]}));
+            assert_eq!(r.status, 200);
+        });
         let refused: Vec<_> = [
             (
                 "/v1/chat/completions",
@@ -241,7 +245,8 @@ fn a_special_token_flood_never_stalls_the_server() {
         })
         .collect();
         let mut worst = Duration::ZERO;
-        while !tokenizers.iter().chain(&refused).all(|t| t.is_finished()) {
+        while !tokenizers.iter().chain(&refused).all(|t| t.is_finished()) || !decoder.is_finished()
+        {
             let t = Instant::now();
             assert_eq!(s.get("/health").status, 200);
             worst = worst.max(t.elapsed());
@@ -249,6 +254,7 @@ fn a_special_token_flood_never_stalls_the_server() {
         for t in tokenizers.into_iter().chain(refused) {
             t.join().unwrap();
         }
+        decoder.join().unwrap();
         worst
     });
     assert!(
@@ -332,20 +338,36 @@ fn request_ids_are_random_and_created_is_the_arrival() {
     assert!(lp.get("refusal").is_some_and(Value::is_null), "{lp}");
 }
 
-/// A tenant holds a bounded number of sessions; an idle one is deleted
-/// after its time-to-live (its id stops working); a turn that would pass
-/// the context with the conversation so far is a 400 before it runs.
+fn turn(s: &TestServer, sess: &str, content: &str, max: u32) -> crate::harness::Reply {
+    s.post(
+        "/v1/chat/completions",
+        &json!({"session": sess, "messages": user(content), "max_tokens": max, "ignore_eos": true}),
+    )
+}
+
+/// A tenant holds a bounded number of sessions (a burst of creations
+/// cannot overshoot it); a turn that would pass the context with the
+/// conversation so far is a 400 before it runs, and leaves the session
+/// usable.
 #[test]
-fn sessions_are_capped_expire_and_refuse_a_turn_past_the_context() {
-    let s = TestServer::tiny(&["--max-sessions", "2", "--session-ttl", "0.3"]);
-    let a = s.post("/v1/sessions", &json!({})).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = s.post("/v1/sessions", &json!({})).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+fn sessions_are_capped_and_refuse_a_turn_past_the_context() {
+    let s = TestServer::tiny(&["--max-sessions", "3"]);
+    let created: Vec<u16> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| s.post("/v1/sessions", &json!({})).status))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        created.iter().filter(|&&c| c == 201).count(),
+        3,
+        "{created:?}"
+    );
+    assert_eq!(
+        created.iter().filter(|&&c| c == 429).count(),
+        5,
+        "{created:?}"
+    );
     let r = s.post("/v1/sessions", &json!({}));
     assert_eq!(
         (r.status, r.error_type().as_str()),
@@ -353,20 +375,29 @@ fn sessions_are_capped_expire_and_refuse_a_turn_past_the_context() {
         "{}",
         r.body
     );
-    // Session a: a turn, then one that cannot fit with what it holds.
-    let turn = |sess: &str, content: &str, max: u32| {
-        s.post(
-            "/v1/chat/completions",
-            &json!({"session": sess, "messages": user(content), "max_tokens": max, "ignore_eos": true}),
-        )
-    };
-    assert_eq!(turn(&a, "hello there", 200).status, 200);
-    let r = turn(&a, "and again", 400);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let a = s.get("/v1/sessions").json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(turn(&s, &a, "hello there", 200).status, 200);
+    let r = turn(&s, &a, "and again", 400);
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
-    // The refusal left the session usable.
-    assert_eq!(turn(&a, "short", 4).status, 200);
-    // Both go idle and are deleted (a bounded wait for the sweep).
+    assert_eq!(turn(&s, &a, "short", 4).status, 200);
+    s.wait_idle();
+}
+
+/// An idle session is deleted after its time-to-live: its id stops
+/// working, and it no longer counts against the tenant's cap.
+#[test]
+fn idle_sessions_are_deleted_after_their_ttl() {
+    let s = TestServer::tiny(&["--max-sessions", "1", "--session-ttl", "0.3"]);
+    let a = s.post("/v1/sessions", &json!({})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A bounded wait for the sweep, not a timing: it polls the outcome.
     let start = Instant::now();
     while !s.get("/v1/sessions").json()["data"]
         .as_array()
@@ -375,17 +406,70 @@ fn sessions_are_capped_expire_and_refuse_a_turn_past_the_context() {
     {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "sessions never expired"
+            "the session never expired"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    for id in [&a, &b] {
-        let r = turn(id, "hi", 2);
-        assert_eq!(r.status, 404, "{}", r.body);
-    }
-    // Deleted, not just unpinned: the tenant may create new ones.
+    assert_eq!(turn(&s, &a, "hi", 2).status, 404);
     assert_eq!(s.post("/v1/sessions", &json!({})).status, 201);
     s.wait_idle();
+}
+
+/// The key is checked before the body is read: a client without one that
+/// sends headers promising a large body and then nothing gets 401 at once.
+#[test]
+fn the_key_is_checked_before_the_body_is_read() {
+    use std::io::{Read, Write};
+    let s = TestServer::tiny(&["--api-key", "tenant-key-1", "--body-timeout", "60"]);
+    let mut c = std::net::TcpStream::connect(s.server().addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000000\r\n\r\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 512];
+    let n = c.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// Many messages, a long token list to decode, top_logprobs alone.
+#[test]
+fn counts_that_cannot_fit_are_refused_before_the_work() {
+    let s = TestServer::tiny(&["--max-body", "16MiB"]);
+    let many: Vec<Value> = (0..100_000).map(|_| json!({"role": "tool"})).collect();
+    let t = Instant::now();
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": many, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    let r = s.post("/tokenize", &json!({"messages": many}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let ids = vec![7; 100_000];
+    let r = s.post("/v1/completions", &json!({"prompt": ids, "max_tokens": 2}));
+    assert_eq!(
+        r.json()["error"]["code"],
+        "context_length_exceeded",
+        "{}",
+        r.body
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // Decoding a long list is allowed (off the HTTP threads).
+    let r = s.post("/detokenize", &json!({"tokens": vec![7; 500_000]}));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["content"].as_str().unwrap().len() >= 500_000);
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("hi"), "max_tokens": 2, "top_logprobs": 3}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("top_logprobs"))
+    );
 }
 
 fn field() -> impl Strategy<Value = String> {
