@@ -81,6 +81,7 @@ fn request(prompt: Vec<TokenId>, n: usize) -> Request {
         },
         cache_salt: None,
         session: None,
+        deadline: None,
     }
 }
 

@@ -111,7 +111,12 @@ pub struct EngineConfig {
 }
 
 enum Msg {
-    Submit(RequestId, Request, mpsc::UnboundedSender<crate::Event>),
+    Submit(
+        RequestId,
+        Box<Request>,
+        mpsc::UnboundedSender<crate::Event>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ),
     Done(StepResult),
     Idle(std_mpsc::Sender<()>),
     CreateSession(u64, Option<Vec<u8>>),
@@ -253,7 +258,12 @@ impl Engine {
                 let mut stalled = false;
                 let mut idle_waiters: Vec<std_mpsc::Sender<()>> = Vec::new();
                 loop {
-                    let idle = outstanding >= 2 || !scheduler.has_work() || stopping;
+                    // Nothing to plan: wait for a message, or, if a paused
+                    // request waits for its client and no step is in flight
+                    // to wake us, poll (see `stalled`).
+                    let idle = outstanding >= 2
+                        || stopping
+                        || (!scheduler.has_work() && (outstanding > 0 || !scheduler.has_paused()));
                     let msg = if idle {
                         match rx.recv() {
                             Ok(m) => Some(m),
@@ -269,8 +279,8 @@ impl Engine {
                         rx.try_recv().ok()
                     };
                     match msg {
-                        Some(Msg::Submit(id, req, events)) => {
-                            scheduler.add(id, req, events);
+                        Some(Msg::Submit(id, req, events, unread)) => {
+                            scheduler.add(id, *req, events, unread);
                             if stopping {
                                 // Shutting down: refused as it arrives.
                                 scheduler.abort_all();
@@ -310,6 +320,7 @@ impl Engine {
                         None => {}
                     }
                     scheduler.reap_disconnected();
+                    scheduler.reap_expired(std::time::Instant::now());
                     scheduler.unpin_expired();
                     stalled = false;
                     while !stopping && outstanding < 2 {
@@ -321,7 +332,8 @@ impl Engine {
                                 outstanding += 1;
                             }
                             Ok(None) => {
-                                stalled = outstanding == 0 && scheduler.has_work();
+                                stalled = outstanding == 0
+                                    && (scheduler.has_work() || scheduler.has_paused());
                                 break;
                             }
                             Err(e) => {
@@ -436,14 +448,23 @@ impl Engine {
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
+        let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let session = req.session.clone();
-        if self.tx.send(Msg::Submit(id, req, tx)).is_err() {
+        if self
+            .tx
+            .send(Msg::Submit(id, Box::new(req), tx, unread.clone()))
+            .is_err()
+        {
             if let Some(s) = session {
                 session::lock(&self.registry).end_turn(s.id, None);
             }
             return Err(EngineError::Stopped);
         }
-        Ok(RequestHandle { id, events: rx })
+        Ok(RequestHandle {
+            id,
+            events: rx,
+            unread,
+        })
     }
 
     /// Refuses a session of another model instance, naming both.

@@ -21,6 +21,8 @@ mod text;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};
-pub use request::{Event, FinishReason, Request, RequestHandle, RequestId, StopConditions, Usage};
+pub use request::{
+    Event, FinishReason, MAX_UNREAD, Request, RequestHandle, RequestId, StopConditions, Usage,
+};
 pub use scheduler::{Counters, SchedulerConfig};
 pub use session::{SessionId, SessionInfo};

@@ -1,6 +1,8 @@
 //! What a client hands the engine, and what comes back.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use strata_kv::TokenId;
 use strata_model::SamplingParams;
@@ -59,7 +61,15 @@ pub struct Request {
     pub cache_salt: Option<Vec<u8>>,
     /// Continue this session: `prompt` is appended to its conversation.
     pub session: Option<crate::SessionId>,
+    /// Past this instant the request ends with [`FinishReason::Timeout`],
+    /// whether or not its client is reading.
+    pub deadline: Option<std::time::Instant>,
 }
+
+/// Generated tokens a client may leave unread before its request pauses:
+/// a client that stops reading never makes the engine buffer its whole
+/// answer (it resumes as the client reads, or ends at its deadline).
+pub const MAX_UNREAD: usize = 64;
 
 /// Why a sequence ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +82,8 @@ pub enum FinishReason {
     Abort,
     /// A step carrying the request failed.
     Error(String),
+    /// The request's deadline passed.
+    Timeout,
 }
 
 /// Token counts of a finished request.
@@ -121,6 +133,9 @@ pub enum Event {
 pub struct RequestHandle {
     pub(crate) id: RequestId,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    /// Tokens sent and not yet received (the engine pauses the request at
+    /// [`MAX_UNREAD`]).
+    pub(crate) unread: Arc<AtomicUsize>,
 }
 
 impl RequestHandle {
@@ -131,12 +146,22 @@ impl RequestHandle {
 
     /// The next event, waiting for it (from async code).
     pub async fn recv(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let e = self.events.recv().await;
+        self.received(e.as_ref());
+        e
     }
 
     /// The next event if one is waiting; `Err` tells empty from closed.
     pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
-        self.events.try_recv()
+        let e = self.events.try_recv();
+        self.received(e.as_ref().ok());
+        e
+    }
+
+    fn received(&self, e: Option<&Event>) {
+        if let Some(Event::Token { .. }) = e {
+            self.unread.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// The next event, blocking the thread (from sync code and tests).

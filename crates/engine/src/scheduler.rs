@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::EngineConfig;
 use crate::executor::{Step, StepResult, StepSeq};
-use crate::request::{Event, FinishReason, Request, RequestId, Usage};
+use crate::request::{Event, FinishReason, MAX_UNREAD, Request, RequestId, Usage};
 use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
@@ -150,6 +150,10 @@ struct Seq {
     cached_tokens: Option<usize>,
     finished: bool,
     events: mpsc::UnboundedSender<Event>,
+    /// Tokens sent that its client has not received yet.
+    unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When it ends with `Timeout`, read or not.
+    deadline: Option<std::time::Instant>,
     /// The session this request is a turn of.
     session: Option<u64>,
     /// A turn's tokens are the conversation so far, then its prompt: joined
@@ -296,6 +300,7 @@ impl Scheduler {
         id: RequestId,
         req: Request,
         events: mpsc::UnboundedSender<Event>,
+        unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ) {
         let mut root = self.hasher.root(ExtraKeys {
             model_fingerprint: &self.fingerprint,
@@ -339,6 +344,8 @@ impl Scheduler {
             cached_tokens: None,
             finished: false,
             events,
+            unread,
+            deadline: req.deadline,
             session,
             joined: session.is_none(),
             max_asked,
@@ -354,7 +361,30 @@ impl Scheduler {
 
     /// Whether a step could be planned now (without looking at blocks).
     pub(crate) fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || self.running.iter().any(|id| self.plannable(&self.seqs[id]))
+        !self.waiting.is_empty()
+            || self.running.iter().any(|id| {
+                let s = &self.seqs[id];
+                self.plannable(s) && !self.waits_for_reader(s)
+            })
+    }
+
+    /// Whether a running request is paused for its client to read: the
+    /// engine then polls (its client may read, its deadline may pass)
+    /// instead of sleeping until a message.
+    pub(crate) fn has_paused(&self) -> bool {
+        self.running.iter().any(|id| self.paused(&self.seqs[id]))
+    }
+
+    /// Whether `s`'s client has left [`MAX_UNREAD`] tokens unread: its next
+    /// token waits until it reads.
+    fn paused(&self, s: &Seq) -> bool {
+        s.unread.load(std::sync::atomic::Ordering::Acquire) >= MAX_UNREAD
+    }
+
+    /// Whether `s`'s next row is a decode row held back for its client
+    /// (a prefill row still runs: it sends nothing).
+    fn waits_for_reader(&self, s: &Seq) -> bool {
+        self.paused(s) && s.tokens.len().saturating_sub(s.computed) <= 1
     }
 
     /// Live requests (not finished).
@@ -384,6 +414,20 @@ impl Scheduler {
         for id in gone {
             self.counters.aborted += 1;
             self.finish(id, FinishReason::Abort);
+        }
+    }
+
+    /// Ends every request whose deadline has passed (`Timeout`).
+    pub(crate) fn reap_expired(&mut self, now: std::time::Instant) {
+        let late: Vec<RequestId> = self
+            .seqs
+            .values()
+            .filter(|s| !s.finished && s.deadline.is_some_and(|d| d <= now))
+            .map(|s| s.id)
+            .collect();
+        for id in late {
+            self.counters.aborted += 1;
+            self.finish(id, FinishReason::Timeout);
         }
     }
 
@@ -444,6 +488,7 @@ impl Scheduler {
                 let remaining = s.tokens.len().saturating_sub(s.computed);
                 let is_decode = remaining <= 1;
                 if !self.plannable(s)
+                    || self.waits_for_reader(s)
                     || is_decode != decode
                     || seqs.iter().any(|r| r.seq == id)
                     || room.is_waiting(id)
@@ -672,6 +717,7 @@ impl Scheduler {
             {
                 text.push_str(&t.finish());
             }
+            s.unread.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             let _ = s.events.send(Event::Token {
                 id: sampled.token,
                 logprob: sampled.logprob,

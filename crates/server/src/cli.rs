@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub header_timeout: Duration,
 
+    /// A client that reads nothing of its answer for this long is
+    /// disconnected and its request aborted (seconds).
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    pub write_timeout: Duration,
+
     /// A request's body must arrive within this long (seconds).
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     pub body_timeout: Duration,

@@ -63,6 +63,7 @@ impl Server {
         let limits = listen::Limits {
             max_connections: args.max_connections,
             header_timeout: args.header_timeout,
+            write_timeout: args.write_timeout,
         };
         let serve = tokio::spawn(listen::serve(listener, app, limits, stopped));
         // Idle sessions are deleted after their time-to-live, checked a few

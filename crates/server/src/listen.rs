@@ -2,7 +2,8 @@
 //! on open connections and hyper's header-read timeout (which also closes
 //! a keep-alive connection idle that long), so neither a slowloris client
 //! trickling headers nor a crowd of idle sockets can hold the server. The
-//! body-read timeout is tower-http's layer, in the router.
+//! body must arrive within the body timeout (read by `api::RawBody`), and a
+//! client that stops reading is disconnected after the write timeout.
 //!
 //! The loop is ours because axum gives no access to hyper's connection
 //! builder; everything in it is hyper's and hyper-util's own machinery.
@@ -17,6 +18,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_io_timeout::TimeoutStream;
 
 /// What a connection may take.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +28,9 @@ pub(crate) struct Limits {
     /// A request's headers must arrive within this long, and an idle
     /// keep-alive connection is closed after it.
     pub(crate) header_timeout: Duration,
+    /// A write the client does not take (it stopped reading) fails after
+    /// this long: the connection closes, its request is aborted.
+    pub(crate) write_timeout: Duration,
 }
 
 /// Serves `app` until `stop` turns true; then stops accepting, lets the
@@ -75,8 +80,14 @@ pub(crate) async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!("cannot set TCP_NODELAY: {e}");
         }
-        let conn =
-            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        // A client that stops reading would leave hyper waiting to write
+        // forever, holding the connection, the request and what it buffered.
+        let mut io = TimeoutStream::new(tcp);
+        io.set_write_timeout(Some(limits.write_timeout));
+        let conn = builder.serve_connection(
+            TokioIo::new(Box::pin(io)),
+            TowerToHyperService::new(app.clone()),
+        );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // Errors here are the client's (reset, timeout): nothing to do.

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::Scheduler;
 use crate::executor::{FailedRow, Step, StepResult};
-use crate::request::{Event, FinishReason, Request, RequestId, StopConditions};
+use crate::request::{Event, FinishReason, MAX_UNREAD, Request, RequestId, StopConditions};
 use crate::sanitizer::Sanitizer;
 use crate::session::SharedRegistry;
 use crate::{EngineConfig, SchedulerConfig};
@@ -28,6 +28,7 @@ fn request(prompt: Vec<TokenId>, max_tokens: usize, session: Option<crate::Sessi
         },
         cache_salt: None,
         session,
+        deadline: None,
     }
 }
 
@@ -43,6 +44,11 @@ pub(super) struct Sim {
     /// The token each sequence's latest step sampled, as the executor keeps.
     last: HashMap<RequestId, TokenId>,
     events: HashMap<RequestId, mpsc::UnboundedReceiver<Event>>,
+    /// Each request's count of tokens its client has not read.
+    unread: HashMap<RequestId, std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Requests whose client reads nothing (the others read everything
+    /// before each plan; their events stay for the test to look at).
+    stalled: std::collections::HashSet<RequestId>,
     next_id: u64,
 }
 
@@ -93,6 +99,8 @@ impl Sim {
             in_flight: VecDeque::new(),
             last: HashMap::new(),
             events: HashMap::new(),
+            unread: HashMap::new(),
+            stalled: std::collections::HashSet::new(),
             next_id: 1,
         }
     }
@@ -108,14 +116,30 @@ impl Sim {
             None,
         );
         let (tx, rx) = mpsc::unbounded_channel();
-        self.sched.add(id, req, tx);
+        let unread = std::sync::Arc::default();
+        self.unread.insert(id, std::sync::Arc::clone(&unread));
+        self.sched.add(id, req, tx, unread);
         self.events.insert(id, rx);
         id
+    }
+
+    /// `id`'s client stops reading (or, with `false`, reads again).
+    pub(super) fn stall(&mut self, id: RequestId, stalled: bool) {
+        if stalled {
+            self.stalled.insert(id);
+        } else {
+            self.stalled.remove(&id);
+        }
     }
 
     /// Plans one step (overlapped if another is in flight); false if there
     /// was nothing to plan.
     pub(super) fn plan(&mut self) -> bool {
+        for (id, u) in &self.unread {
+            if !self.stalled.contains(id) {
+                u.store(0, std::sync::atomic::Ordering::Release);
+            }
+        }
         let overlapped = !self.in_flight.is_empty();
         let before: Vec<u32> = {
             let g = self.cache.lock();
@@ -328,7 +352,9 @@ impl Sim {
             id: sid,
         };
         let req = request(s.tokens, max_tokens, Some(session));
-        self.sched.add(id, req, tx);
+        let unread = std::sync::Arc::default();
+        self.unread.insert(id, std::sync::Arc::clone(&unread));
+        self.sched.add(id, req, tx, unread);
         id
     }
 
@@ -613,4 +639,78 @@ fn only_newer_requests_give_way() {
     drop(g);
     drop(hog);
     sim.run_to_end();
+}
+
+/// A client that stops reading pauses its request after MAX_UNREAD unread
+/// tokens (the engine never buffers its whole answer), while the others
+/// run; it resumes when its client reads again.
+#[test]
+fn a_request_whose_client_stops_reading_pauses_and_resumes() {
+    let mut sim = Sim::new(64, 4);
+    let slow = sim.submit(5, 1, 200);
+    sim.stall(slow, true);
+    let other = sim.submit(5, 2, 150);
+    sim.run_to_end();
+    assert_eq!(sim.finished_with(other), Some(FinishReason::Length));
+    let got = sim.events(slow);
+    let tokens = got
+        .iter()
+        .filter(|e| matches!(e, Event::Token { .. }))
+        .count();
+    // A row may have been planned just before the count reached the limit.
+    assert!(
+        (MAX_UNREAD..=MAX_UNREAD + 2).contains(&tokens),
+        "{tokens} tokens sent to a client that reads nothing"
+    );
+    assert!(!got.iter().any(|e| matches!(e, Event::Finished { .. })));
+    // Nothing to plan (no empty steps in a loop), but the engine polls.
+    assert!(!sim.sched.has_work());
+    assert!(
+        sim.sched.has_paused(),
+        "a paused request keeps the engine polling"
+    );
+    sim.stall(slow, false);
+    sim.run_to_end();
+    let rest = sim.events(slow);
+    let more = rest
+        .iter()
+        .filter(|e| matches!(e, Event::Token { .. }))
+        .count();
+    assert_eq!(tokens + more, 200);
+    assert!(rest.iter().any(|e| matches!(
+        e,
+        Event::Finished {
+            reason: FinishReason::Length,
+            ..
+        }
+    )));
+    let pool = sim.cache.lock();
+    pool.check_invariants().expect("invariants");
+    assert!(pool.is_whole(), "{:?}", pool.stats());
+}
+
+/// A request past its deadline ends with Timeout whether its client reads
+/// or not (a paused one too), and gives its blocks back.
+#[test]
+fn a_request_past_its_deadline_times_out_even_if_paused() {
+    let mut sim = Sim::new(64, 4);
+    let paused = sim.submit(5, 1, 300);
+    sim.stall(paused, true);
+    let waiting = sim.submit(5, 2, 10);
+    let now = std::time::Instant::now();
+    sim.sched.seqs.get_mut(&waiting).expect("live").deadline = Some(now);
+    sim.sched.reap_expired(now);
+    assert_eq!(sim.finished_with(waiting), Some(FinishReason::Timeout));
+    sim.run_to_end();
+    assert_eq!(sim.finished_with(paused), None, "paused, not finished");
+    let later = now + std::time::Duration::from_secs(1);
+    sim.sched.seqs.get_mut(&paused).expect("live").deadline = Some(later);
+    sim.sched.reap_expired(now);
+    assert_eq!(sim.finished_with(paused), None, "not yet");
+    sim.sched.reap_expired(later);
+    assert_eq!(sim.finished_with(paused), Some(FinishReason::Timeout));
+    sim.run_to_end();
+    let pool = sim.cache.lock();
+    pool.check_invariants().expect("invariants");
+    assert!(pool.is_whole(), "{:?}", pool.stats());
 }

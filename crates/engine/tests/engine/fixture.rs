@@ -93,6 +93,7 @@ pub(crate) fn greedy(prompt: Vec<TokenId>, n: usize) -> Request {
         },
         cache_salt: None,
         session: None,
+        deadline: None,
     }
 }
 

@@ -63,6 +63,7 @@ fn verify(l: &Live, reason: &FinishReason, failed: &FailedRows) {
             "{id} failed ({e}) without a row in a failed step"
         ),
         FinishReason::Abort => assert!(l.session.is_some(), "aborted without a disconnect"),
+        FinishReason::Timeout => panic!("{id} timed out without a deadline"),
     }
     if matches!(reason, FinishReason::Stop | FinishReason::Length) {
         // Only the row after the stop token (its KV, planned before the
@@ -174,6 +175,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 },
                 cache_salt: rng.random_bool(0.3).then(|| b"other tenant".to_vec()),
                 session,
+                deadline: None,
             };
             context.extend_from_slice(&prompt);
             live.push(Live {

@@ -140,6 +140,7 @@ impl Generation {
                         FinishReason::Length => "length",
                         FinishReason::Abort => "abort",
                         FinishReason::Error(_) => "error",
+                        FinishReason::Timeout => "timeout",
                     };
                     // The session learns the turn before it is free again,
                     // so the next turn never sees the history without it.
@@ -153,6 +154,10 @@ impl Generation {
                             reason: name,
                             usage,
                         }),
+                        // The engine ends it at the deadline, read or not.
+                        FinishReason::Timeout => Err(ApiError::timeout(
+                            self.state.args.request_timeout.as_secs_f64(),
+                        )),
                         FinishReason::Abort => Err(match &self.turn {
                             Some(t) if !self.state.sessions().contains_key(&t.key) => {
                                 ApiError::not_found(
@@ -354,6 +359,7 @@ pub(super) async fn submit(
         stop: sub.checked.stop,
         cache_salt: sub.salt,
         session,
+        deadline: Some(arrival + state.args.request_timeout),
     };
     let handle = match loaded.engine.submit(req) {
         Ok(h) => h,

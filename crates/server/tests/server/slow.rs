@@ -138,3 +138,53 @@ fn connections_past_the_cap_are_closed_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client that stops reading a large answer: the server's writes back
+/// up, and after the write timeout it gives up the connection instead of
+/// holding it (and the answer) forever; others are served meanwhile. (The
+/// engine's side, pausing a stream whose client reads nothing, is the
+/// scheduler's `a_request_whose_client_stops_reading_pauses_and_resumes`.)
+#[test]
+fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    let s = TestServer::tiny(&["--write-timeout", "1", "--max-body", "16MiB"]);
+    // A 13-byte special token, three million times: an answer of 39 MB,
+    // far more than the sockets buffer.
+    let vocab = s
+        .post(
+            "/tokenize",
+            &serde_json::json!({"content": "<|endoftext|>"}),
+        )
+        .json()["tokens"][0]
+        .as_u64()
+        .unwrap();
+    let body = serde_json::json!({"tokens": vec![vocab; 3_000_000]}).to_string();
+    let full = s
+        .post(
+            "/detokenize",
+            &serde_json::json!({"tokens": vec![vocab; 1000]}),
+        )
+        .body
+        .len();
+    let mut c = connect(&s);
+    write!(
+        c,
+        "POST /detokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    assert!(c.read(&mut first).unwrap() > 0, "the answer started");
+    // Now read nothing for a while; others are served meanwhile.
+    let t = Instant::now();
+    assert_eq!(s.get("/health").status, 200);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(3));
+    let (rest, _) = until_closed(c);
+    let expected = full * 3_000; // the answer for 3,000,000 ids
+    assert!(
+        rest.len() + 64 < expected / 2,
+        "got {} of about {expected} bytes: the server never gave up",
+        rest.len()
+    );
+    assert_eq!(s.get("/health").status, 200);
+}
