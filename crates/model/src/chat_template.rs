@@ -162,7 +162,34 @@ impl ChatTemplate {
                         "this template rewrites message content, and a message contains a special-token string; refusing to tokenize it as a special token".into(),
                     ));
                 }
-                tok.encode_with_specials(&self.render(messages, add_generation_prompt)?)
+                // What the template makes of the contents could still spell
+                // a marker (a `replace` that joins two halves): the special
+                // tokens must be exactly those of the same conversation with
+                // neutral contents, the template's own.
+                let real =
+                    tok.encode_with_specials(&self.render(messages, add_generation_prompt)?)?;
+                let neutral: Vec<ChatMessage> = messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: "x".into(),
+                        name: m.name.as_ref().map(|_| "x".into()),
+                    })
+                    .collect();
+                let plain =
+                    tok.encode_with_specials(&self.render(&neutral, add_generation_prompt)?)?;
+                let specials = |t: &[TokenId]| -> Vec<TokenId> {
+                    t.iter()
+                        .copied()
+                        .filter(|&t| tok.is_special_token(t))
+                        .collect()
+                };
+                if specials(&real) != specials(&plain) {
+                    return Err(ModelError::Template(
+                        "this template rewrites message content into special-token strings; refusing to tokenize them as special tokens".into(),
+                    ));
+                }
+                Ok(real)
             }
         }
     }

@@ -311,6 +311,12 @@ impl Tokenizer {
         self.bytes.get(t.get() as usize).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether `t` is one of the special (control or user-defined) tokens
+    /// that special-token parsing produces.
+    pub fn is_special_token(&self, t: TokenId) -> bool {
+        self.specials.iter().any(|&(_, id)| id == t)
+    }
+
     /// Whether `t` is a control token (EOS, chat markers...).
     pub fn is_control(&self, t: TokenId) -> bool {
         self.is_special
