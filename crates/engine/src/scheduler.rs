@@ -431,15 +431,18 @@ impl Scheduler {
         }
     }
 
-    /// Aborts everything (shutdown).
-    pub(crate) fn abort_all(&mut self) {
-        let ids: Vec<RequestId> = self
-            .seqs
+    /// Every request not finished.
+    fn live_ids(&self) -> Vec<RequestId> {
+        self.seqs
             .values()
             .filter(|s| !s.finished)
             .map(|s| s.id)
-            .collect();
-        for id in ids {
+            .collect()
+    }
+
+    /// Aborts everything (shutdown).
+    pub(crate) fn abort_all(&mut self) {
+        for id in self.live_ids() {
             self.counters.aborted += 1;
             self.finish(id, FinishReason::Abort);
         }
@@ -447,13 +450,7 @@ impl Scheduler {
 
     /// Fails everything (the executor died: no step will complete).
     pub(crate) fn fail_all(&mut self, why: &str) {
-        let ids: Vec<RequestId> = self
-            .seqs
-            .values()
-            .filter(|s| !s.finished)
-            .map(|s| s.id)
-            .collect();
-        for id in ids {
+        for id in self.live_ids() {
             self.finish(id, FinishReason::Error(why.to_string()));
         }
     }

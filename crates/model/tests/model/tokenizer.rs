@@ -13,6 +13,16 @@ fn real_tokenizer() -> (Tokenizer, Option<ChatTemplate>) {
     (tok, tpl)
 }
 
+/// A seeded xorshift64 stream (test texts need no better randomness).
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -216,13 +226,7 @@ fn real_model_special_tokens_split_as_a_naive_scan_would() {
         out.extend(tok.encode(&plain).unwrap());
         out
     };
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     for _ in 0..300 {
         let n = (next() % 24) as usize;
         let text: String = (0..n)
@@ -302,13 +306,7 @@ fn real_model_long_text_in_pieces_tokenizes_as_a_whole() {
         "\u{3000}",
         "don\u{2019}t ",
     ];
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     for round in 0..24 {
         let n = 2_000 + (next() % 6_000) as usize;
         let text: String = (0..n)
