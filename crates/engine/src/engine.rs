@@ -256,6 +256,8 @@ impl Engine {
                 // session's time-to-live) does, so wait for one instead of
                 // planning empty steps in a loop.
                 let mut stalled = false;
+                // The last step sent had no rows.
+                let mut empty_in_flight = false;
                 let mut idle_waiters: Vec<std_mpsc::Sender<()>> = Vec::new();
                 loop {
                     // Nothing to plan: wait for a message, or, if a paused
@@ -263,6 +265,7 @@ impl Engine {
                     // to wake us, poll (see `stalled`).
                     let idle = outstanding >= 2
                         || stopping
+                        || (empty_in_flight && outstanding > 0)
                         || (!scheduler.has_work() && (outstanding > 0 || !scheduler.has_paused()));
                     let msg = if idle {
                         match rx.recv() {
@@ -323,9 +326,15 @@ impl Engine {
                     scheduler.reap_expired(std::time::Instant::now());
                     scheduler.unpin_expired();
                     stalled = false;
-                    while !stopping && outstanding < 2 {
+                    // An empty step (nothing could run, but one was in
+                    // flight: it closes its epoch) is never planned on:
+                    // wait for it, then plan with nothing in flight, which
+                    // stalls instead (else paused requests with one waiting
+                    // would have the threads pass empty steps for ever).
+                    while !stopping && outstanding < 2 && !(empty_in_flight && outstanding > 0) {
                         match scheduler.plan(outstanding > 0) {
                             Ok(Some(step)) => {
+                                empty_in_flight = step.seqs.is_empty();
                                 if step_tx.send(step).is_err() {
                                     break;
                                 }

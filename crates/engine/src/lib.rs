@@ -22,7 +22,8 @@ mod text;
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};
 pub use request::{
-    Event, FinishReason, MAX_UNREAD, Request, RequestHandle, RequestId, StopConditions, Usage,
+    Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestHandle, RequestId, StopConditions,
+    Usage,
 };
 pub use scheduler::{Counters, SchedulerConfig};
 pub use session::{SessionId, SessionInfo};

@@ -71,6 +71,11 @@ pub struct Request {
 /// answer (it resumes as the client reads, or ends at its deadline).
 pub const MAX_UNREAD: usize = 64;
 
+/// A request paused this long for its client (who read nothing meanwhile)
+/// ends with [`FinishReason::Timeout`]: a client that stops reading does
+/// not hold its running slot and its KV blocks until its deadline.
+pub const MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a sequence ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FinishReason {
@@ -166,7 +171,9 @@ impl RequestHandle {
 
     /// The next event, blocking the thread (from sync code and tests).
     pub fn recv_blocking(&mut self) -> Option<Event> {
-        self.events.blocking_recv()
+        let e = self.events.blocking_recv();
+        self.received(e.as_ref());
+        e
     }
 
     /// Every remaining event, blocking until the request finishes.

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::EngineConfig;
 use crate::executor::{Step, StepResult, StepSeq};
-use crate::request::{Event, FinishReason, MAX_UNREAD, Request, RequestId, Usage};
+use crate::request::{Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, Usage};
 use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
@@ -154,6 +154,8 @@ struct Seq {
     unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// When it ends with `Timeout`, read or not.
     deadline: Option<std::time::Instant>,
+    /// Since when it has been paused for its client without a break.
+    paused_since: Option<std::time::Instant>,
     /// The session this request is a turn of.
     session: Option<u64>,
     /// A turn's tokens are the conversation so far, then its prompt: joined
@@ -346,6 +348,7 @@ impl Scheduler {
             events,
             unread,
             deadline: req.deadline,
+            paused_since: None,
             session,
             joined: session.is_none(),
             max_asked,
@@ -417,12 +420,28 @@ impl Scheduler {
         }
     }
 
-    /// Ends every request whose deadline has passed (`Timeout`).
+    /// Ends every request whose deadline has passed, or that has been paused
+    /// for its client for [`MAX_PAUSE`] (`Timeout`).
     pub(crate) fn reap_expired(&mut self, now: std::time::Instant) {
+        // Paused past MAX_PAUSE counts as late too.
+        for id in self.running.clone() {
+            let held = self.waits_for_reader(&self.seqs[&id]);
+            let s = self.seqs.get_mut(&id).expect("running requests exist");
+            s.paused_since = if held {
+                Some(s.paused_since.unwrap_or(now))
+            } else {
+                None
+            };
+        }
         let late: Vec<RequestId> = self
             .seqs
             .values()
-            .filter(|s| !s.finished && s.deadline.is_some_and(|d| d <= now))
+            .filter(|s| {
+                !s.finished
+                    && (s.deadline.is_some_and(|d| d <= now)
+                        || s.paused_since
+                            .is_some_and(|p| now.duration_since(p) >= MAX_PAUSE))
+            })
             .map(|s| s.id)
             .collect();
         for id in late {

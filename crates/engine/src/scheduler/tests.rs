@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 
 use super::Scheduler;
 use crate::executor::{FailedRow, Step, StepResult};
-use crate::request::{Event, FinishReason, MAX_UNREAD, Request, RequestId, StopConditions};
+use crate::request::{
+    Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, StopConditions,
+};
 use crate::sanitizer::Sanitizer;
 use crate::session::SharedRegistry;
 use crate::{EngineConfig, SchedulerConfig};
@@ -709,6 +711,27 @@ fn a_request_past_its_deadline_times_out_even_if_paused() {
     assert_eq!(sim.finished_with(paused), None, "not yet");
     sim.sched.reap_expired(later);
     assert_eq!(sim.finished_with(paused), Some(FinishReason::Timeout));
+    sim.run_to_end();
+    let pool = sim.cache.lock();
+    pool.check_invariants().expect("invariants");
+    assert!(pool.is_whole(), "{:?}", pool.stats());
+}
+
+/// A request paused for MAX_PAUSE (its client read nothing meanwhile) ends
+/// with Timeout: it does not hold its slot and blocks until its deadline.
+/// Reading in between starts the count again.
+#[test]
+fn a_request_paused_too_long_times_out() {
+    let mut sim = Sim::new(64, 4);
+    let slow = sim.submit(5, 1, 300);
+    sim.stall(slow, true);
+    sim.run_to_end();
+    let t0 = std::time::Instant::now();
+    sim.sched.reap_expired(t0);
+    sim.sched.reap_expired(t0 + MAX_PAUSE / 2);
+    assert_eq!(sim.finished_with(slow), None, "paused, not yet too long");
+    sim.sched.reap_expired(t0 + MAX_PAUSE);
+    assert_eq!(sim.finished_with(slow), Some(FinishReason::Timeout));
     sim.run_to_end();
     let pool = sim.cache.lock();
     pool.check_invariants().expect("invariants");
