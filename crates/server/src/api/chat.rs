@@ -6,8 +6,9 @@ use axum::response::Response;
 use strata_kv::TokenId;
 use strata_model::{ChatMessage, ChatTemplate};
 
-use super::generation::{Arrival, Kind, Submission, Turn, submit};
+use super::generation::{Arrival, Kind, Turn};
 use super::sessions::take_session;
+use super::submit::{Submission, submit};
 use super::{RawBody, Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, Role};

@@ -1,24 +1,19 @@
-//! One generation in progress: submitting a checked request to the engine,
-//! reading its events, and what every answer (whole or streamed) needs
-//! from them.
+//! One generation in progress: reading its events, and what every answer
+//! (whole or streamed) needs from them. `submit.rs` starts one.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::response::Response;
 use serde_json::{Value, json};
-use strata_engine::{Event, FinishReason, Request, RequestHandle, Usage};
+use strata_engine::{Event, FinishReason, RequestHandle, Usage};
 use strata_kv::TokenId;
 use strata_model::ChatMessage;
 
 use super::Shared;
 use super::sessions::release_session;
-use super::stream::respond_stream;
-use super::whole::respond_whole;
 use crate::error::ApiError;
 use crate::metrics::Reason;
-use crate::openai::{Checked, Common};
 use crate::state::{Loaded, random_hex, unix_now};
 
 /// A request's id: random, so ids say nothing about how many requests
@@ -312,8 +307,8 @@ impl Drop for Generation {
 /// When a request arrived (before its body was parsed or tokenized).
 #[derive(Clone, Copy)]
 pub(super) struct Arrival {
-    at: Instant,
-    unix: u64,
+    pub(super) at: Instant,
+    pub(super) unix: u64,
 }
 
 impl Arrival {
@@ -322,84 +317,5 @@ impl Arrival {
             at: Instant::now(),
             unix: unix_now(),
         }
-    }
-}
-
-/// What a handler hands to [`submit`].
-pub(super) struct Submission {
-    pub(super) kind: Kind,
-    pub(super) prompt: Vec<TokenId>,
-    pub(super) checked: Checked,
-    pub(super) logprobs: Option<usize>,
-    pub(super) salt: Option<Vec<u8>>,
-    pub(super) turn: Option<(Turn, strata_engine::SessionId)>,
-    pub(super) echo: Option<String>,
-    pub(super) tenant: usize,
-    pub(super) arrival: Arrival,
-}
-
-/// Submits a checked request and answers it, streamed or whole.
-pub(super) async fn submit(
-    state: Shared,
-    loaded: Arc<Loaded>,
-    common: &Common,
-    sub: Submission,
-) -> Result<Response, ApiError> {
-    let Arrival {
-        at: arrival,
-        unix: created,
-    } = sub.arrival;
-    let (turn, session) = match sub.turn {
-        Some((t, s)) => (Some(t), Some(s)),
-        None => (None, None),
-    };
-    let req = Request {
-        prompt: sub.prompt,
-        sampling: sub.checked.sampling,
-        stop: sub.checked.stop,
-        cache_salt: sub.salt,
-        session,
-        deadline: Some(arrival + state.args.request_timeout),
-    };
-    let handle = match loaded.engine.submit(req) {
-        Ok(h) => h,
-        Err(e) => {
-            if let Some(t) = &turn {
-                release_session(&state, &t.key);
-            }
-            return Err(e.into());
-        }
-    };
-    let g = Generation {
-        deadline: tokio::time::Instant::now() + state.args.request_timeout,
-        state,
-        loaded,
-        handle: Some(handle),
-        kind: sub.kind,
-        id: request_id(match sub.kind {
-            Kind::Chat => "chatcmpl",
-            Kind::Completion => "cmpl",
-        }),
-        logprobs: sub.logprobs,
-        arrival,
-        created,
-        last_token: None,
-        text: String::new(),
-        last: None,
-        echo: sub.echo,
-        turn,
-        tenant: sub.tenant,
-        finished: false,
-    };
-    if common.stream {
-        let include_usage = common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
-        Ok(respond_stream(g, include_usage))
-    } else {
-        // This future is the handler's: if the client disconnects, axum
-        // drops it, and with it the generation (which aborts).
-        respond_whole(g).await
     }
 }

@@ -10,6 +10,7 @@ mod models;
 mod ops;
 mod sessions;
 mod stream;
+mod submit;
 mod tokenize;
 mod whole;
 

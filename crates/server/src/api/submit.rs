@@ -1,0 +1,96 @@
+//! Submitting a checked request to the engine, and answering it streamed
+//! or whole.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use strata_engine::Request;
+use strata_kv::TokenId;
+
+use super::Shared;
+use super::generation::{Arrival, Generation, Kind, Turn, request_id};
+use super::sessions::release_session;
+use super::stream::respond_stream;
+use super::whole::respond_whole;
+use crate::error::ApiError;
+use crate::openai::{Checked, Common};
+use crate::state::Loaded;
+
+/// What a handler hands to [`submit`].
+pub(super) struct Submission {
+    pub(super) kind: Kind,
+    pub(super) prompt: Vec<TokenId>,
+    pub(super) checked: Checked,
+    pub(super) logprobs: Option<usize>,
+    pub(super) salt: Option<Vec<u8>>,
+    pub(super) turn: Option<(Turn, strata_engine::SessionId)>,
+    pub(super) echo: Option<String>,
+    pub(super) tenant: usize,
+    pub(super) arrival: Arrival,
+}
+
+/// Submits a checked request and answers it, streamed or whole.
+pub(super) async fn submit(
+    state: Shared,
+    loaded: Arc<Loaded>,
+    common: &Common,
+    sub: Submission,
+) -> Result<Response, ApiError> {
+    let Arrival {
+        at: arrival,
+        unix: created,
+    } = sub.arrival;
+    let (turn, session) = match sub.turn {
+        Some((t, s)) => (Some(t), Some(s)),
+        None => (None, None),
+    };
+    let req = Request {
+        prompt: sub.prompt,
+        sampling: sub.checked.sampling,
+        stop: sub.checked.stop,
+        cache_salt: sub.salt,
+        session,
+        deadline: Some(arrival + state.args.request_timeout),
+    };
+    let handle = match loaded.engine.submit(req) {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(t) = &turn {
+                release_session(&state, &t.key);
+            }
+            return Err(e.into());
+        }
+    };
+    let g = Generation {
+        deadline: tokio::time::Instant::now() + state.args.request_timeout,
+        state,
+        loaded,
+        handle: Some(handle),
+        kind: sub.kind,
+        id: request_id(match sub.kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }),
+        logprobs: sub.logprobs,
+        arrival,
+        created,
+        last_token: None,
+        text: String::new(),
+        last: None,
+        echo: sub.echo,
+        turn,
+        tenant: sub.tenant,
+        finished: false,
+    };
+    if common.stream {
+        let include_usage = common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        Ok(respond_stream(g, include_usage))
+    } else {
+        // This future is the handler's: if the client disconnects, axum
+        // drops it, and with it the generation (which aborts).
+        respond_whole(g).await
+    }
+}
