@@ -172,6 +172,18 @@ struct Seq {
 }
 
 impl Seq {
+    /// Whether its client has left [`MAX_UNREAD`] tokens unread: its next
+    /// token waits until it reads.
+    fn paused(&self) -> bool {
+        self.unread.load(std::sync::atomic::Ordering::Acquire) >= MAX_UNREAD
+    }
+
+    /// Whether its next row is a decode row held back for its client (a
+    /// prefill row still runs: it sends nothing).
+    fn waits_for_reader(&self) -> bool {
+        self.paused() && self.tokens.len().saturating_sub(self.computed) <= 1
+    }
+
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -367,7 +379,7 @@ impl Scheduler {
         !self.waiting.is_empty()
             || self.running.iter().any(|id| {
                 let s = &self.seqs[id];
-                self.plannable(s) && !self.waits_for_reader(s)
+                self.plannable(s) && !s.waits_for_reader()
             })
     }
 
@@ -375,19 +387,7 @@ impl Scheduler {
     /// engine then polls (its client may read, its deadline may pass)
     /// instead of sleeping until a message.
     pub(crate) fn has_paused(&self) -> bool {
-        self.running.iter().any(|id| self.paused(&self.seqs[id]))
-    }
-
-    /// Whether `s`'s client has left [`MAX_UNREAD`] tokens unread: its next
-    /// token waits until it reads.
-    fn paused(&self, s: &Seq) -> bool {
-        s.unread.load(std::sync::atomic::Ordering::Acquire) >= MAX_UNREAD
-    }
-
-    /// Whether `s`'s next row is a decode row held back for its client
-    /// (a prefill row still runs: it sends nothing).
-    fn waits_for_reader(&self, s: &Seq) -> bool {
-        self.paused(s) && s.tokens.len().saturating_sub(s.computed) <= 1
+        self.running.iter().any(|id| self.seqs[id].paused())
     }
 
     /// Live requests (not finished).
@@ -424,10 +424,10 @@ impl Scheduler {
     /// for its client for [`MAX_PAUSE`] (`Timeout`).
     pub(crate) fn reap_expired(&mut self, now: std::time::Instant) {
         // Paused past MAX_PAUSE counts as late too.
-        for id in self.running.clone() {
-            let held = self.waits_for_reader(&self.seqs[&id]);
-            let s = self.seqs.get_mut(&id).expect("running requests exist");
-            s.paused_since = if held {
+        // (No allocation: this runs on every turn of the scheduler loop.)
+        for id in &self.running {
+            let s = self.seqs.get_mut(id).expect("running requests exist");
+            s.paused_since = if s.waits_for_reader() {
                 Some(s.paused_since.unwrap_or(now))
             } else {
                 None
@@ -504,7 +504,7 @@ impl Scheduler {
                 let remaining = s.tokens.len().saturating_sub(s.computed);
                 let is_decode = remaining <= 1;
                 if !self.plannable(s)
-                    || self.waits_for_reader(s)
+                    || s.waits_for_reader()
                     || is_decode != decode
                     || seqs.iter().any(|r| r.seq == id)
                     || room.is_waiting(id)

@@ -152,26 +152,25 @@ impl AppState {
     /// Whether `bearer` is the admin key (`None`: there is no admin key,
     /// the admin endpoints are off).
     pub(crate) fn is_admin(&self, bearer: Option<&str>) -> Option<bool> {
-        let want = self.admin?;
-        let given = *blake3::hash(bearer.unwrap_or("").as_bytes()).as_bytes();
-        Some(bearer.is_some() && bool::from(want.ct_eq(&given)))
+        self.admin.map(|want| key_matches(&want, bearer))
     }
 
     /// Whether `/metrics` may be read with `bearer`.
     pub(crate) fn may_read_metrics(&self, bearer: Option<&str>) -> bool {
-        match self.metrics_key {
-            None => true,
-            Some(want) => {
-                let given = *blake3::hash(bearer.unwrap_or("").as_bytes()).as_bytes();
-                bearer.is_some() && bool::from(want.ct_eq(&given))
-            }
-        }
+        self.metrics_key
+            .is_none_or(|want| key_matches(&want, bearer))
     }
 
     /// Locks the sessions, ignoring poison (no handler panics while holding it).
     pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether `bearer` is the key whose BLAKE3 hash is `want` (compared in
+/// constant time; no key never matches).
+fn key_matches(want: &[u8; 32], bearer: Option<&str>) -> bool {
+    bearer.is_some_and(|b| bool::from(want.ct_eq(blake3::hash(b.as_bytes()).as_bytes())))
 }
 
 /// `bytes` random bytes in hex (ids that must not be guessed or counted).

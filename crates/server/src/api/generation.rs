@@ -153,31 +153,18 @@ impl Generation {
                         FinishReason::Timeout => Err(ApiError::timeout(
                             self.state.args.request_timeout.as_secs_f64(),
                         )),
-                        FinishReason::Abort => Err(match &self.turn {
-                            Some(t) if !self.state.sessions().contains_key(&t.key) => {
-                                ApiError::not_found(
-                                    "session_not_found",
-                                    "the session was deleted during its turn",
-                                )
-                            }
-                            _ => ApiError::unavailable(
-                                "the request was aborted: the server is shutting down",
-                                5,
-                            ),
-                        }),
-                        // The session was deleted while its turn was on
-                        // its way to the engine.
-                        FinishReason::Error(_)
-                            if self
-                                .turn
-                                .as_ref()
-                                .is_some_and(|t| !self.state.sessions().contains_key(&t.key)) =>
-                        {
+                        // The session was deleted during its turn (the turn
+                        // was aborted, or reached the engine after it).
+                        FinishReason::Abort | FinishReason::Error(_) if self.session_gone() => {
                             Err(ApiError::not_found(
                                 "session_not_found",
                                 "the session was deleted during its turn",
                             ))
                         }
+                        FinishReason::Abort => Err(ApiError::unavailable(
+                            "the request was aborted: the server is shutting down",
+                            5,
+                        )),
                         FinishReason::Error(e) if !self.loaded.engine.is_alive() => {
                             Err(ApiError::unavailable(
                                 format!("the engine stopped ({e}); see the server log"),
@@ -191,6 +178,13 @@ impl Generation {
                 }
             }
         }
+    }
+
+    /// Whether this is a session turn whose session no longer exists.
+    fn session_gone(&self) -> bool {
+        self.turn
+            .as_ref()
+            .is_some_and(|t| !self.state.sessions().contains_key(&t.key))
     }
 
     /// Why the engine's channel closed: shutting down, or the engine died.

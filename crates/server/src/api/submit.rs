@@ -44,13 +44,15 @@ pub(super) async fn submit(
         Some((t, s)) => (Some(t), Some(s)),
         None => (None, None),
     };
+    // One deadline, from the arrival, for the engine and for the wait here.
+    let deadline = arrival + state.args.request_timeout;
     let req = Request {
         prompt: sub.prompt,
         sampling: sub.checked.sampling,
         stop: sub.checked.stop,
         cache_salt: sub.salt,
         session,
-        deadline: Some(arrival + state.args.request_timeout),
+        deadline: Some(deadline),
     };
     let handle = match loaded.engine.submit(req) {
         Ok(h) => h,
@@ -62,7 +64,7 @@ pub(super) async fn submit(
         }
     };
     let g = Generation {
-        deadline: tokio::time::Instant::now() + state.args.request_timeout,
+        deadline: tokio::time::Instant::from_std(deadline),
         state,
         loaded,
         handle: Some(handle),
