@@ -248,3 +248,36 @@ fn an_executor_that_dies_fails_every_request_and_the_engine_says_so() {
         Err(strata_engine::EngineError::Stopped)
     ));
 }
+
+/// Every running request paused for its client (who reads nothing) while
+/// another waits for a running slot: the engine goes quiet. Before the fix,
+/// each completed step was followed by an empty overlapped step for ever
+/// (the threads spun on empty steps until a client read).
+#[test]
+fn paused_requests_with_one_waiting_run_no_empty_steps() {
+    use std::time::{Duration, Instant};
+    let engine = strata_engine::Engine::start(
+        crate::fake::FakeRunner::new(256, 4, 1),
+        crate::fake::config(256, 4, 64, 1),
+    )
+    .unwrap();
+    let _unread = engine.submit(request(tokens(41, 5), 400)).unwrap();
+    let mut waiting = engine.submit(request(tokens(42, 5), 4)).unwrap();
+    // Bounded wait until the paused request's rows stop (polled).
+    let start = Instant::now();
+    let mut rows = engine.stats().counters.rows;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = engine.stats().counters.rows;
+        if now == rows {
+            break;
+        }
+        rows = now;
+        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
+    }
+    let steps = engine.stats().counters.steps;
+    std::thread::sleep(Duration::from_millis(300));
+    let more = engine.stats().counters.steps - steps;
+    assert!(more <= 1, "{more} steps while every request waits");
+    assert!(waiting.try_recv().is_err(), "the waiting request never ran");
+}
