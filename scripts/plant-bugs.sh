@@ -63,6 +63,9 @@ plants=(
   "preempt older requests too|crates/engine/src/scheduler/room.rs|s/\.take_while\(\|&&v\| v > id\)/.filter(|\&\&v| v != id)/"
   "run the rows planned on top of a failed step|crates/engine/src/executor.rs|s/                    self\.last\.remove\(&r\.seq\);\n                    self\.doomed\.insert\(r\.seq\);/                    self.last.remove(\&r.seq);/"
   "look up and pin before deciding to admit|crates/engine/src/scheduler/admission.rs|s/let peek = g\.peek_prefix\(&seq\)\?;/let peek = g.peek_prefix(\&seq)?;\n                drop(g.lookup_and_pin(OwnerTag(id.get()), \&seq)?);/"
+  "score a recomputed prompt row twice|crates/engine/src/scheduler.rs|s/let from = start\.max\(s\.scored\);/let from = start;/"
+  "score each row against its own token|crates/engine/src/scheduler.rs|s/targets: s\.tokens\[from \+ 1\.\.=to\]\.to_vec\(\)/targets: s.tokens[from..to].to_vec()/"
+  "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.score\.is_some\(\) => \{/None if false => {/"
 )
 
 status=0

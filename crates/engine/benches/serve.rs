@@ -82,6 +82,7 @@ fn request(prompt: Vec<TokenId>, n: usize) -> Request {
         cache_salt: None,
         session: None,
         deadline: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -105,7 +106,7 @@ fn run(e: &Engine, prompts: &[Vec<TokenId>], n: usize) -> (f64, f64) {
                             count += 1;
                         }
                         Event::Finished { .. } => break,
-                        Event::Admitted { .. } => {}
+                        Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
                     }
                 }
                 (count, first.unwrap_or_default())

@@ -77,6 +77,10 @@ pub enum EngineError {
     /// Stop strings given to an engine that has no tokenizer.
     #[error("stop strings need a tokenizer, and this engine has none")]
     NoTokenizer,
+    /// Prompt log-probabilities asked of a session's turn (its prompt
+    /// continues KV the engine kept, which has no logits to give).
+    #[error("prompt log-probabilities are not available for a session's turn")]
+    ScoredTurn,
 }
 
 /// How an engine instance is sized.
@@ -431,6 +435,9 @@ impl Engine {
         }
         if !req.stop.stop_strings.is_empty() && !self.has_tokenizer {
             return Err(EngineError::NoTokenizer);
+        }
+        if req.prompt_logprobs.is_some() && req.session.is_some() {
+            return Err(EngineError::ScoredTurn);
         }
         let c = *lock(&self.counters);
         if c.waiting >= self.queue_limit {

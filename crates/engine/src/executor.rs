@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use strata_kv::{Access, BlockId, Epoch, Generation, KvCache, PoolGuard, SlotRef, TokenId};
-use strata_model::{LlamaModel, Sampled, Sampler, SamplingParams, SeqInput};
+use strata_model::{LlamaModel, Logits, Sampled, Sampler, SamplingParams, SeqInput};
 use strata_store::Arena;
 
 use crate::request::RequestId;
@@ -22,7 +22,8 @@ use crate::sanitizer::Sanitizer;
 
 /// What runs the forward pass: the model over its arena, or a test double.
 pub trait Runner: Send + 'static {
-    /// Logits of the last row of every sequence with `logits` set, in order.
+    /// Logits of every sequence that asks for them, in order: its last
+    /// row's, or all its rows' one after another ([`Logits`]).
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>, String>;
 
     /// Makes a freshly allocated block's contents unreadable (the
@@ -80,6 +81,30 @@ pub(crate) struct StepSeq {
     pub(crate) sampler: Option<(SamplingParams, Vec<TokenId>)>,
     /// Sanitizer: every (block, generation) this row reads or writes.
     pub(crate) accesses: Vec<(BlockId, Generation, Access)>,
+    /// Prompt tokens this row scores.
+    pub(crate) score: Option<Score>,
+}
+
+/// The prompt tokens a row scores: input row `first_row + i` gives the
+/// log-probability of `targets[i]` (the token after it).
+#[derive(Clone, Debug)]
+pub(crate) struct Score {
+    /// Alternatives per token.
+    pub(crate) top: usize,
+    pub(crate) first_row: usize,
+    pub(crate) targets: Vec<TokenId>,
+}
+
+impl StepSeq {
+    fn logits(&self) -> Logits {
+        if self.score.is_some() {
+            Logits::All
+        } else if self.sample {
+            Logits::Last
+        } else {
+            Logits::None
+        }
+    }
 }
 
 /// A planned step.
@@ -107,6 +132,8 @@ pub(crate) struct FailedRow {
 pub(crate) struct StepResult {
     pub(crate) epoch: Epoch,
     pub(crate) samples: Vec<(RequestId, Sampled)>,
+    /// Prompt scores, per row that asked for them.
+    pub(crate) scores: Vec<(RequestId, Vec<Sampled>)>,
     /// Rows of the step that failed, with why.
     pub(crate) failed: Vec<FailedRow>,
     /// Time spent running it.
@@ -229,10 +256,28 @@ impl<R: Runner> Executor<R> {
                 .and_then(|l| self.validate(step.epoch, &rows).map(|()| l))
         };
         let mut samples = Vec::new();
+        let mut scores = Vec::new();
         let epoch = step.epoch;
         match outcome {
             Ok(logits) => {
-                for (r, mut l) in rows.iter().filter(|r| r.sample).zip(logits) {
+                let with_logits = rows.iter().filter(|r| r.logits() != Logits::None);
+                for (r, mut l) in with_logits.zip(logits) {
+                    if let Some(sc) = &r.score {
+                        let vocab = l.len() / r.known.len();
+                        let row = |i: usize| &l[(sc.first_row + i) * vocab..][..vocab];
+                        let scored = sc.targets.iter().enumerate();
+                        scores.push((
+                            r.seq,
+                            scored
+                                .map(|(i, &t)| strata_model::score(row(i), t, sc.top))
+                                .collect(),
+                        ));
+                        // The last row samples.
+                        l.drain(..l.len() - vocab);
+                    }
+                    if !r.sample {
+                        continue;
+                    }
                     for t in &r.suppress {
                         if let Some(x) = l.get_mut(t.get() as usize) {
                             *x = f32::NEG_INFINITY;
@@ -270,6 +315,7 @@ impl<R: Runner> Executor<R> {
         StepResult {
             epoch,
             samples,
+            scores,
             failed,
             nanos: t0.elapsed().as_nanos() as u64,
             lock_wait_nanos: self.lock_wait,
@@ -286,18 +332,40 @@ impl<R: Runner> Executor<R> {
                 tokens: &r.known,
                 start: r.start,
                 block_table: &r.table,
-                logits: r.sample,
+                logits: r.logits(),
             })
             .collect();
         let ids: Vec<RequestId> = rows.iter().map(|r| r.seq).collect();
         self.runner.rows(&ids);
         let logits = self.runner.forward(&batch)?;
-        let wanted = rows.iter().filter(|r| r.sample).count();
-        if logits.len() != wanted {
+        let wanted: Vec<&StepSeq> = rows.iter().filter(|r| r.logits() != Logits::None).collect();
+        if logits.len() != wanted.len() {
             return Err(format!(
-                "the model returned {} logits rows for {wanted} sampling rows",
-                logits.len()
+                "the model returned logits for {} sequences, {} asked",
+                logits.len(),
+                wanted.len()
             ));
+        }
+        // Every row of logits has one width; a sequence that asked for all
+        // its rows got that many.
+        let width = |r: &StepSeq, l: &[f32]| match r.logits() {
+            Logits::All => l.len() / r.known.len().max(1),
+            _ => l.len(),
+        };
+        let vocab = wanted.first().map(|r| width(r, &logits[0]));
+        for (r, l) in wanted.iter().zip(&logits) {
+            let rows = if r.logits() == Logits::All {
+                r.known.len()
+            } else {
+                1
+            };
+            if Some(width(r, l)) != vocab || l.len() != rows * vocab.unwrap_or(0) || l.is_empty() {
+                return Err(format!(
+                    "the model returned {} logits for {rows} rows of {}",
+                    l.len(),
+                    vocab.unwrap_or(0)
+                ));
+            }
         }
         Ok(logits)
     }

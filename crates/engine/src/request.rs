@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use strata_kv::TokenId;
-use strata_model::SamplingParams;
+use strata_model::{Sampled, SamplingParams};
 use tokio::sync::mpsc;
 
 /// The engine's number for a request, unique within its engine.
@@ -64,6 +64,12 @@ pub struct Request {
     /// Past this instant the request ends with [`FinishReason::Timeout`],
     /// whether or not its client is reading.
     pub deadline: Option<std::time::Instant>,
+    /// Score the prompt: every prompt token after the first gets its
+    /// log-probability and this many alternatives
+    /// ([`Event::PromptLogprobs`], before the first token). The whole
+    /// prompt is computed (a prefix-cache hit has no logits to give); not
+    /// for a session's turn.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Generated tokens a client may leave unread before its request pauses:
@@ -110,6 +116,11 @@ pub enum Event {
         /// Prompt tokens found in the prefix cache.
         cached_tokens: usize,
     },
+    /// Log-probabilities of prompt tokens (asked for with
+    /// [`Request::prompt_logprobs`]), in order, in one or more events
+    /// before the first token: the first event's first entry is the
+    /// prompt's second token (the first has nothing before it).
+    PromptLogprobs(Vec<Sampled>),
     /// One generated token.
     Token {
         /// The token.

@@ -28,7 +28,7 @@ use strata_model::{SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::EngineConfig;
-use crate::executor::{Step, StepResult, StepSeq};
+use crate::executor::{Score, Step, StepResult, StepSeq};
 use crate::request::{Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, Usage};
 use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
@@ -36,6 +36,10 @@ use crate::text::TextState;
 
 use admission::Admission;
 use room::Room;
+
+/// Rows a scored prompt computes per step: each returns a whole row of
+/// logits (128 rows of SmolLM2's 49,152 are 25 MB).
+const SCORE_CHUNK: usize = 128;
 
 /// Scheduling limits.
 #[derive(Clone, Copy, Debug)]
@@ -169,6 +173,11 @@ struct Seq {
     handover: Option<(Vec<TokenId>, usize)>,
     /// Its text and stop strings (engines with a tokenizer).
     text: Option<TextState>,
+    /// Score the prompt with this many alternatives per token.
+    score: Option<usize>,
+    /// Prompt positions whose rows have been planned to score (a row
+    /// recomputed after preemption is not scored twice).
+    scored: usize,
 }
 
 impl Seq {
@@ -369,6 +378,8 @@ impl Scheduler {
                 .tokenizer
                 .as_ref()
                 .map(|t| TextState::new(t.clone(), &req.stop.stop_strings)),
+            score: req.prompt_logprobs,
+            scored: 0,
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
@@ -601,8 +612,12 @@ impl Scheduler {
         let s = self.seqs.get_mut(&id).expect("running requests exist");
         let lease = s.lease.as_ref().expect("running requests hold a lease");
         let pending = s.computed == s.tokens.len();
+        let scoring = s.score.is_some() && s.computed + 1 < s.prompt_len;
         let n = if pending {
             1
+        } else if scoring {
+            // Each scored row returns a whole row of logits: bounded.
+            (s.tokens.len() - s.computed).min(budget).min(SCORE_CHUNK)
         } else {
             (s.tokens.len() - s.computed).min(budget)
         };
@@ -637,6 +652,19 @@ impl Scheduler {
             }
             Err(e) => return Err(e),
         };
+        // Row p scores prompt token p + 1.
+        let score = s.score.filter(|_| scoring).and_then(|top| {
+            let from = start.max(s.scored);
+            let to = (start + n).min(s.prompt_len - 1);
+            (from < to).then(|| {
+                s.scored = to;
+                Score {
+                    top,
+                    first_row: from - start,
+                    targets: s.tokens[from + 1..=to].to_vec(),
+                }
+            })
+        });
         s.computed += n;
         let sample = s.computed >= s.tokens.len();
         if sample {
@@ -676,6 +704,7 @@ impl Scheduler {
             suppress,
             sampler,
             accesses,
+            score,
         })))
     }
 
@@ -699,6 +728,13 @@ impl Scheduler {
                     self.finish(f.seq, FinishReason::Error(f.error));
                 }
                 self.forget_if_done(f.seq);
+            }
+        }
+        // A step's prompt scores go before its samples (the last prompt
+        // chunk's row also samples the first token).
+        for (id, scores) in r.scores {
+            if let Some(s) = self.seqs.get(&id).filter(|s| !s.finished) {
+                let _ = s.events.send(Event::PromptLogprobs(scores));
             }
         }
         for (id, sampled) in r.samples {

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use strata_model::{Gguf, LlamaModel, LoadOptions, SeqInput};
+use strata_model::{Gguf, LlamaModel, LoadOptions, Logits, SeqInput};
 use strata_store::{Arena, BlockId, TokenId};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,7 +86,7 @@ fn main() {
                     tokens: &prompt,
                     start: 0,
                     block_table: &tables[0],
-                    logits: true,
+                    logits: Logits::Last,
                 }],
             )
             .unwrap();
@@ -107,7 +107,7 @@ fn main() {
                             tokens: &ctx[..depth],
                             start: 0,
                             block_table: &tables[0],
-                            logits: false,
+                            logits: Logits::None,
                         }],
                     )
                     .unwrap();
@@ -122,7 +122,7 @@ fn main() {
                             tokens: &ctx[p..p + 1],
                             start: p,
                             block_table: &tables[0],
-                            logits: true,
+                            logits: Logits::Last,
                         }],
                     )
                     .unwrap();
@@ -149,7 +149,7 @@ fn main() {
                             tokens: &ctxs[s][..128],
                             start: 0,
                             block_table: &tables[s],
-                            logits: false,
+                            logits: Logits::None,
                         }],
                     )
                     .unwrap();
@@ -162,7 +162,7 @@ fn main() {
                         tokens: &ctxs[s][p..p + 1],
                         start: p,
                         block_table: &tables[s],
-                        logits: true,
+                        logits: Logits::Last,
                     })
                     .collect();
                 model.forward(&mut arena, &batch).unwrap();

@@ -23,8 +23,8 @@ pub use attention::{
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;
-pub use llama::{KV_FORMAT_VERSION, LlamaModel, LoadOptions, SeqInput};
-pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use llama::{KV_FORMAT_VERSION, LlamaModel, LoadOptions, Logits, SeqInput};
+pub use sampling::{Sampled, Sampler, SamplingParams, score};
 pub use tokenizer::{CHUNK, Detokenizer, Tokenizer};
 pub use weights::{Gguf, requantized_type, sha256_file};
 

@@ -36,8 +36,20 @@ pub struct SeqInput<'a> {
     pub start: usize,
     /// The sequence's blocks, covering positions `0 .. start + tokens.len()`.
     pub block_table: &'a [BlockId],
-    /// Whether to return the logits of the last token.
-    pub logits: bool,
+    /// Which rows' logits to return.
+    pub logits: Logits,
+}
+
+/// Which rows of a sequence's part of a step return logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that samples nothing).
+    None,
+    /// The last row's (the row that samples).
+    Last,
+    /// Every row's, row after row (scoring a prompt: each row's logits
+    /// give the log-probability of the next token).
+    All,
 }
 
 /// How to load a model.
@@ -220,7 +232,8 @@ impl LlamaModel {
     }
 
     /// Runs one step over the paged arena. Returns the logits of each
-    /// sequence that asked for them, in batch order.
+    /// sequence that asked for them, in batch order: `vocab` values for
+    /// [`Logits::Last`], `tokens.len() * vocab` for [`Logits::All`].
     pub fn forward(
         &self,
         arena: &mut Arena,
@@ -295,7 +308,7 @@ impl LlamaModel {
         if n == 0 {
             return Ok(batch
                 .iter()
-                .filter(|s| s.logits)
+                .filter(|s| s.logits != Logits::None)
                 .map(|_| Vec::new())
                 .collect());
         }
@@ -350,17 +363,21 @@ impl LlamaModel {
                 *xv += dv;
             }
         }
-        // The last row of each sequence that wants logits.
-        let mut last_rows = Vec::new();
+        // The rows whose logits are asked for: each sequence's last, or
+        // all of its rows.
+        let mut out_rows = Vec::new();
         let mut r = 0;
         for s in batch {
-            r += s.tokens.len();
-            if s.logits && !s.tokens.is_empty() {
-                last_rows.push(r - 1);
+            let rows = r..r + s.tokens.len();
+            r = rows.end;
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => out_rows.extend(rows.last()),
+                Logits::All => out_rows.extend(rows),
             }
         }
-        let mut hs = vec![0f32; last_rows.len() * h];
-        for (i, &r) in last_rows.iter().enumerate() {
+        let mut hs = vec![0f32; out_rows.len() * h];
+        for (i, &r) in out_rows.iter().enumerate() {
             rms_norm(
                 &x[r * h..(r + 1) * h],
                 &self.weights.output_norm,
@@ -368,21 +385,23 @@ impl LlamaModel {
                 &mut hs[i * h..(i + 1) * h],
             );
         }
-        let logits = if last_rows.is_empty() {
+        let logits = if out_rows.is_empty() {
             Vec::new()
         } else {
             self.weights
                 .output
-                .forward(&hs, last_rows.len(), &self.pool)?
+                .forward(&hs, out_rows.len(), &self.pool)?
         };
         let mut out = Vec::new();
-        let mut it = logits.chunks_exact(c.vocab);
-        for s in batch.iter().filter(|s| s.logits) {
-            out.push(if s.tokens.is_empty() {
-                Vec::new()
-            } else {
-                it.next().map(<[f32]>::to_vec).unwrap_or_default()
-            });
+        let mut at = 0;
+        for s in batch {
+            let n = match s.logits {
+                Logits::None => continue,
+                Logits::Last => s.tokens.len().min(1),
+                Logits::All => s.tokens.len(),
+            };
+            out.push(logits[at..at + n * c.vocab].to_vec());
+            at += n * c.vocab;
         }
         Ok(out)
     }

@@ -238,6 +238,17 @@ fn argmax(l: &[f32]) -> usize {
     best
 }
 
+/// How likely `token` is under `logits` (raw, before any sampling
+/// parameter), with the `n` most likely tokens: scoring given text.
+pub fn score(logits: &[f32], token: TokenId, n: usize) -> Sampled {
+    let (logprob, top) = logprobs(logits, token.get() as usize, n);
+    Sampled {
+        token,
+        logprob,
+        top,
+    }
+}
+
 /// The raw log-probability of `token` and the `n` best tokens.
 fn logprobs(logits: &[f32], token: usize, n: usize) -> (f32, Vec<(TokenId, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

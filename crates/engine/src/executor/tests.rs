@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use strata_kv::{
     Access, BlockHasher, BlockId, Generation, KvCache, Lease, OwnerTag, PoolConfig, TokenId,
 };
-use strata_model::SeqInput;
+use strata_model::{Logits, SeqInput};
 
 use super::{Executor, Runner, Step, StepSeq};
 use crate::request::RequestId;
@@ -29,8 +29,15 @@ impl Runner for Probe {
             .push(format!("forward {}", batch.len()));
         let mut out: Vec<Vec<f32>> = batch
             .iter()
-            .filter(|s| s.logits)
-            .map(|_| vec![0.0, 1.0, 0.0])
+            .filter(|s| s.logits != Logits::None)
+            .map(|s| {
+                let rows = if s.logits == Logits::All {
+                    s.tokens.len()
+                } else {
+                    1
+                };
+                [0.0, 1.0, 0.0].repeat(rows)
+            })
             .collect();
         if self.short {
             out.pop();
@@ -97,6 +104,7 @@ fn row(s: &Setup, i: usize) -> StepSeq {
         sample: true,
         suppress: Vec::new(),
         sampler: None,
+        score: None,
     }
 }
 
@@ -206,6 +214,7 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
             sample: true,
             suppress: Vec::new(),
             sampler: None,
+            score: None,
         }
     };
     // Step 2: its pending input names another cache's slot.

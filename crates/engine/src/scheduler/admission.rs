@@ -102,6 +102,14 @@ impl Scheduler {
                 }
                 (lease, b, t)
             }
+            // A scored prompt computes every row: it takes no hits.
+            None if s.score.is_some() => {
+                if !self.room_for_admission(g, room, blocks + reserve, &[])? {
+                    return Ok(Admission::Wait);
+                }
+                let root = self.seqs[&id].root;
+                (g.new_lease(OwnerTag(id.get()), root), 0, 0)
+            }
             None => {
                 let mut seq = self.hasher.sequence(s.root);
                 seq.extend(&s.tokens);

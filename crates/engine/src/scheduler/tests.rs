@@ -31,6 +31,7 @@ fn request(prompt: Vec<TokenId>, max_tokens: usize, session: Option<crate::Sessi
         cache_salt: None,
         session,
         deadline: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -238,6 +239,7 @@ impl Sim {
         self.sched.on_result(StepResult {
             epoch: step.epoch,
             samples,
+            scores: Vec::new(),
             failed,
             nanos: 0,
             lock_wait_nanos: 0,

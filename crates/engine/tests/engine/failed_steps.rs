@@ -104,7 +104,7 @@ fn a_step_with_too_few_logits_fails_every_row() {
             match e {
                 Event::Token { id, .. } => got.push(id),
                 Event::Finished { reason: x, .. } => reason = Some(x),
-                Event::Admitted { .. } => {}
+                Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
             }
         }
         if let Some(x) = reason {
@@ -148,6 +148,7 @@ fn cached_tokens(h: &Harness, prompt: &[TokenId]) -> (usize, Vec<TokenId>) {
         while let Ok(e) = r.try_recv() {
             match e {
                 Event::Admitted { cached_tokens } => cached = Some(cached_tokens),
+                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                 Event::Token { id, .. } => got.push(id),
                 Event::Finished { reason, .. } => {
                     assert_eq!(reason, FinishReason::Length);

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_engine::{RequestId, Runner};
 use strata_kv::{BlockId, TokenId};
-use strata_model::SeqInput;
+use strata_model::{Logits, SeqInput};
 
 const POISON: u32 = u32::MAX;
 
@@ -127,17 +127,22 @@ impl Runner for FakeRunner {
                 let at = self.slot(s.block_table, s.start + i);
                 self.slots[at] = t.get();
             }
-            if s.logits {
-                let end = s.start + s.tokens.len();
-                let history: Vec<TokenId> = (0..end)
-                    .map(|p| TokenId::new(self.slots[self.slot(s.block_table, p)]))
-                    .collect();
-                let next = next_token(&history);
+            let end = s.start + s.tokens.len();
+            let rows = match s.logits {
+                Logits::None => continue,
+                Logits::Last => end - 1..end,
+                Logits::All => s.start..end,
+            };
+            let history: Vec<TokenId> = (0..end)
+                .map(|p| TokenId::new(self.slots[self.slot(s.block_table, p)]))
+                .collect();
+            let mut l = vec![0f32; self.vocab * rows.len()];
+            for (i, r) in rows.enumerate() {
+                let next = next_token(&history[..=r]);
                 let next = self.map.as_ref().map_or(next, |m| m[next.get() as usize]);
-                let mut l = vec![0f32; self.vocab];
-                l[next.get() as usize] = 1.0;
-                out.push(l);
+                l[i * self.vocab + next.get() as usize] = 1.0;
             }
+            out.push(l);
         }
         Ok(out)
     }

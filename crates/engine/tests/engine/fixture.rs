@@ -7,7 +7,9 @@ use strata_engine::{
     StopConditions, Usage,
 };
 use strata_kv::TokenId;
-use strata_model::{Gguf, LlamaModel, LoadOptions, SamplingParams, SeqInput, Tokenizer};
+use strata_model::{
+    Gguf, LlamaModel, LoadOptions, Logits, Sampled, SamplingParams, SeqInput, Tokenizer,
+};
 use strata_store::{Arena, BlockId};
 use strata_testkit::tiny_model::{self, TinyConfig};
 
@@ -94,6 +96,7 @@ pub(crate) fn greedy(prompt: Vec<TokenId>, n: usize) -> Request {
         cache_salt: None,
         session: None,
         deadline: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -120,7 +123,7 @@ pub(crate) fn solo(m: &LlamaModel, prompt: &[TokenId], n: usize) -> Vec<TokenId>
                 tokens: prompt,
                 start: 0,
                 block_table: &table,
-                logits: true,
+                logits: Logits::Last,
             }],
         )
         .unwrap()
@@ -139,7 +142,7 @@ pub(crate) fn solo(m: &LlamaModel, prompt: &[TokenId], n: usize) -> Vec<TokenId>
                     tokens: &[t],
                     start: prompt.len() + i,
                     block_table: &table,
-                    logits: true,
+                    logits: Logits::Last,
                 }],
             )
             .unwrap()
@@ -155,13 +158,20 @@ pub(crate) struct Outcome {
     pub(crate) reason: FinishReason,
     pub(crate) usage: Usage,
     pub(crate) cached: usize,
+    /// Prompt scores, when asked for.
+    pub(crate) scores: Vec<Sampled>,
 }
 
 pub(crate) fn outcome(events: Vec<Event>) -> Outcome {
     let mut tokens = Vec::new();
     let mut cached = None;
+    let mut scores = Vec::new();
     for e in events {
         match e {
+            Event::PromptLogprobs(v) => {
+                assert!(tokens.is_empty(), "prompt scores after a token");
+                scores.extend(v);
+            }
             Event::Admitted { cached_tokens } => {
                 assert!(cached.is_none(), "admitted twice");
                 cached = Some(cached_tokens);
@@ -174,6 +184,7 @@ pub(crate) fn outcome(events: Vec<Event>) -> Outcome {
                     reason,
                     usage,
                     cached: cached.unwrap_or(0),
+                    scores,
                 };
             }
         }

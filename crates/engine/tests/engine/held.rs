@@ -117,7 +117,7 @@ impl Harness {
                 match e {
                     Event::Token { id, .. } => got.push(id),
                     Event::Finished { reason, .. } => return (got, reason),
-                    Event::Admitted { .. } => {}
+                    Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
                 }
             }
             self.held();

@@ -40,6 +40,7 @@ fn shared_prefix(clients: usize) -> (u64, Vec<usize>) {
         for e in h.collect_blocking() {
             match e {
                 Event::Admitted { cached_tokens } => cached.push(cached_tokens),
+                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                 Event::Token { id, .. } => {
                     assert_eq!(id, next_token(&history));
                     history.push(id);

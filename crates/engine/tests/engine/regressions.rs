@@ -24,6 +24,7 @@ pub(crate) fn request(prompt: Vec<TokenId>, max_tokens: usize) -> Request {
         cache_salt: None,
         session: None,
         deadline: None,
+        prompt_logprobs: None,
     }
 }
 

@@ -83,7 +83,7 @@ fn dropping_the_handle_aborts_and_the_blocks_come_back() {
         match h.recv_blocking() {
             Some(Event::Token { .. }) => tokens += 1,
             Some(Event::Finished { reason, .. }) => panic!("finished early: {reason:?}"),
-            Some(Event::Admitted { .. }) => {}
+            Some(Event::Admitted { .. } | Event::PromptLogprobs(_)) => {}
             None => panic!("the engine dropped the request"),
         }
     }
@@ -232,5 +232,71 @@ fn requests_that_could_never_fit_are_refused_up_front() {
             .collect_blocking(),
     );
     assert_eq!(out.tokens.len(), 4);
+    assert_whole(&e);
+}
+
+/// A scored prompt: every token after the first gets its log-probability
+/// and alternatives, exactly as one forward pass over the whole prompt
+/// gives them (in chunks of rows, beside other requests), before the first
+/// token; a cached copy of the prompt is not used (it has no logits), and
+/// the output is unchanged.
+#[test]
+fn a_scored_prompt_gets_every_tokens_logprob_as_one_pass_gives_it() {
+    let m = model(7);
+    let e = engine(
+        &m,
+        Setup {
+            step_tokens: 512,
+            ..Setup::default()
+        },
+    );
+    let p = prompt(0, 150, 3);
+    let plain = outcome(e.submit(greedy(p.clone(), 5)).unwrap().collect_blocking());
+    let others: Vec<_> = (0..3)
+        .map(|i| e.submit(greedy(prompt(0, 40, 10 + i), 20)).unwrap())
+        .collect();
+    let mut scored = greedy(p.clone(), 5);
+    scored.prompt_logprobs = Some(3);
+    let out = outcome(e.submit(scored).unwrap().collect_blocking());
+    assert_eq!(out.tokens, plain.tokens);
+    assert_eq!(out.cached, 0, "a scored prompt takes no prefix hits");
+    assert_eq!(out.scores.len(), p.len() - 1);
+    let bs = 4;
+    let blocks = p.len().div_ceil(bs);
+    let mut arena = strata_store::Arena::new(m.arena_layout(blocks, bs)).unwrap();
+    let table: Vec<strata_kv::BlockId> = (0..blocks as u32).map(strata_kv::BlockId::new).collect();
+    let all = m
+        .forward(
+            &mut arena,
+            &[strata_model::SeqInput {
+                tokens: &p,
+                start: 0,
+                block_table: &table,
+                logits: strata_model::Logits::All,
+            }],
+        )
+        .unwrap()
+        .remove(0);
+    let vocab = m.config().vocab;
+    for (i, s) in out.scores.iter().enumerate() {
+        let want = strata_model::score(&all[i * vocab..(i + 1) * vocab], p[i + 1], 3);
+        assert_eq!(s, &want, "score of prompt token {}", i + 1);
+        assert_eq!(s.top.len(), 3);
+    }
+    for mut h in others {
+        outcome(h.collect_blocking());
+    }
+    assert_whole(&e);
+}
+
+#[test]
+fn a_scored_session_turn_is_refused() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let sid = e.create_session(None).unwrap();
+    let mut r = greedy(prompt(0, 8, 1), 2);
+    r.session = Some(sid);
+    r.prompt_logprobs = Some(0);
+    assert!(matches!(e.submit(r), Err(EngineError::ScoredTurn)));
     assert_whole(&e);
 }

@@ -19,7 +19,7 @@ use strata_engine::{
     Engine, Event, FinishReason, Request, RequestHandle, RequestId, SessionId, StopConditions,
 };
 use strata_kv::TokenId;
-use strata_model::SamplingParams;
+use strata_model::{Sampled, SamplingParams};
 
 use crate::fake::{self, FakeRunner, VOCAB, next_token};
 use crate::fixture::assert_whole;
@@ -35,6 +35,9 @@ struct Live {
     /// Disconnect after this many tokens.
     drop_after: Option<usize>,
     max_tokens: usize,
+    /// It asked for prompt scores; these came.
+    scored: bool,
+    scores: Vec<Sampled>,
 }
 
 /// Rows of failed steps, by request: each row's first position.
@@ -64,6 +67,19 @@ fn verify(l: &Live, reason: &FinishReason, failed: &FailedRows) {
         ),
         FinishReason::Abort => assert!(l.session.is_some(), "aborted without a disconnect"),
         FinishReason::Timeout => panic!("{id} timed out without a deadline"),
+    }
+    if l.scored && matches!(reason, FinishReason::Stop | FinishReason::Length) {
+        // Every prompt token after the first, once, in order, however it
+        // was chunked, preempted or recomputed; the model's pick first.
+        assert_eq!(l.scores.len(), l.prompt.len() - 1, "{id}: prompt scores");
+        for (i, s) in l.scores.iter().enumerate() {
+            assert_eq!(
+                s.token,
+                l.prompt[i + 1],
+                "{id}: score {i} names another token"
+            );
+            assert_eq!(s.top[0].0, next_token(&l.prompt[..=i]), "{id}: score {i}");
+        }
     }
     if matches!(reason, FinishReason::Stop | FinishReason::Length) {
         // Only the row after the stop token (its KV, planned before the
@@ -166,6 +182,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 prompt.truncate(6);
                 turns += 1;
             }
+            let scored = turn.is_none() && rng.random_bool(0.1);
             let req = Request {
                 prompt: prompt.clone(),
                 sampling: SamplingParams::greedy(),
@@ -176,6 +193,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 cache_salt: rng.random_bool(0.3).then(|| b"other tenant".to_vec()),
                 session,
                 deadline: None,
+                prompt_logprobs: scored.then_some(1),
             };
             context.extend_from_slice(&prompt);
             live.push(Live {
@@ -189,6 +207,8 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 drop_after: (turn.is_none() && rng.random_bool(0.15))
                     .then(|| rng.random_range(0..8)),
                 max_tokens,
+                scored,
+                scores: Vec::new(),
             });
         }
         let mut progressed = false;
@@ -205,6 +225,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                         break;
                     }
                     Event::Admitted { .. } => {}
+                    Event::PromptLogprobs(v) => l.scores.extend(v),
                 }
             }
             if let Some(reason) = done {
@@ -258,6 +279,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                         live.swap_remove(0);
                     }
                     Event::Admitted { .. } => {}
+                    Event::PromptLogprobs(v) => l.scores.extend(v),
                 }
             }
         }

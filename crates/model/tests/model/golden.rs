@@ -3,8 +3,8 @@
 //! deliberately with `STRATA_BLESS=1`.
 
 use strata_model::{
-    ChatMessage, ChatTemplate, Gguf, LlamaModel, LoadOptions, Sampler, SamplingParams, SeqInput,
-    Tokenizer,
+    ChatMessage, ChatTemplate, Gguf, LlamaModel, LoadOptions, Logits, Sampler, SamplingParams,
+    SeqInput, Tokenizer,
 };
 use strata_store::{Arena, BlockId, TokenId};
 
@@ -36,7 +36,7 @@ fn generate(model: &LlamaModel, tok: &Tokenizer, prompt: &[TokenId], max: usize)
                     tokens: &input,
                     start: pos,
                     block_table: &table,
-                    logits: true,
+                    logits: Logits::Last,
                 }],
             )
             .unwrap();

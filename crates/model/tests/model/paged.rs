@@ -4,7 +4,7 @@
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use strata_model::{AttnShape, Gguf, LlamaModel, LoadOptions, SeqInput};
+use strata_model::{AttnShape, Gguf, LlamaModel, LoadOptions, Logits, SeqInput};
 use strata_store::{Arena, BlockId, TokenId};
 use strata_testkit::tiny_model::{self, TinyConfig};
 
@@ -90,7 +90,7 @@ pub(crate) fn paged_equals_contiguous(model: &LlamaModel, scenarios: u64, max_le
                     tokens: &prompts[s][start..start + n],
                     start,
                     block_table: &tables[s],
-                    logits: true,
+                    logits: Logits::Last,
                 })
                 .collect();
             let paged = model.forward(&mut arena, &inputs).unwrap();
@@ -101,7 +101,7 @@ pub(crate) fn paged_equals_contiguous(model: &LlamaModel, scenarios: u64, max_le
                     tokens: &prompts[s][start..start + n],
                     start,
                     block_table: &[],
-                    logits: true,
+                    logits: Logits::Last,
                 }];
                 let mut view = SeqView {
                     inner: &mut reference,
@@ -196,7 +196,7 @@ pub(crate) fn batch_invariance(model: &LlamaModel, len: usize) {
                 tokens: &prompt[start..start + n],
                 start,
                 block_table: &table,
-                logits: true,
+                logits: Logits::Last,
             }];
             if with_others {
                 for (o, t) in others.iter().zip(&other_tables) {
@@ -205,7 +205,7 @@ pub(crate) fn batch_invariance(model: &LlamaModel, len: usize) {
                         tokens: &o[..m],
                         start: 0,
                         block_table: t,
-                        logits: true,
+                        logits: Logits::Last,
                     });
                 }
                 batch.rotate_left(1); // our row is not first
@@ -260,7 +260,7 @@ pub(crate) fn sharing_is_invisible(model: &LlamaModel, prefix_blocks: usize) {
                     tokens: p,
                     start: 0,
                     block_table: &table,
-                    logits: true,
+                    logits: Logits::Last,
                 }],
             )
             .unwrap()
@@ -277,7 +277,7 @@ pub(crate) fn sharing_is_invisible(model: &LlamaModel, prefix_blocks: usize) {
                 tokens: &a,
                 start: 0,
                 block_table: &ta,
-                logits: true,
+                logits: Logits::Last,
             }],
         )
         .unwrap()
@@ -289,7 +289,7 @@ pub(crate) fn sharing_is_invisible(model: &LlamaModel, prefix_blocks: usize) {
                 tokens: &b[prefix.len()..],
                 start: prefix.len(),
                 block_table: &tb,
-                logits: true,
+                logits: Logits::Last,
             }],
         )
         .unwrap()
@@ -305,4 +305,65 @@ pub(crate) fn sharing_is_invisible(model: &LlamaModel, prefix_blocks: usize) {
 #[test]
 fn tiny_sharing_is_invisible() {
     sharing_is_invisible(&tiny(1), 2);
+}
+
+/// [`Logits::All`] returns every row's logits: the last row's are exactly
+/// what [`Logits::Last`] returns in the same step, and each row's are the
+/// logits of that prefix computed a token at a time.
+pub(crate) fn all_rows_are_each_prefix(model: &LlamaModel, len: usize) {
+    let c = model.config();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompt: Vec<TokenId> = (0..len)
+        .map(|_| TokenId::new(rng.random_range(0..c.vocab as u32)))
+        .collect();
+    let bs = 4;
+    let blocks = len.div_ceil(bs);
+    let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
+    let step = |logits| {
+        let mut arena = Arena::new(model.arena_layout(blocks, bs)).unwrap();
+        let input = SeqInput {
+            tokens: &prompt,
+            start: 0,
+            block_table: &table,
+            logits,
+        };
+        model.forward(&mut arena, &[input]).unwrap().remove(0)
+    };
+    let all = step(Logits::All);
+    assert_eq!(all.len(), len * c.vocab, "a row of logits per token");
+    let last = step(Logits::Last);
+    assert!(
+        all[(len - 1) * c.vocab..]
+            .iter()
+            .zip(&last)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "the last row differs from Logits::Last"
+    );
+    let mut arena = Arena::new(model.arena_layout(blocks, bs)).unwrap();
+    for i in 0..len {
+        let input = SeqInput {
+            tokens: &prompt[i..=i],
+            start: i,
+            block_table: &table,
+            logits: Logits::Last,
+        };
+        let one = model.forward(&mut arena, &[input]).unwrap().remove(0);
+        close(
+            &all[i * c.vocab..(i + 1) * c.vocab],
+            &one,
+            &format!("row {i} against the prefix decoded a token at a time"),
+        );
+    }
+    let none = SeqInput {
+        tokens: &prompt,
+        start: 0,
+        block_table: &table,
+        logits: Logits::None,
+    };
+    assert!(model.forward(&mut arena, &[none]).unwrap().is_empty());
+}
+
+#[test]
+fn tiny_all_rows_are_each_prefix() {
+    all_rows_are_each_prefix(&tiny(1), 23);
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use strata_model::{Gguf, LlamaModel, LoadOptions, SeqInput, Tokenizer};
+use strata_model::{Gguf, LlamaModel, LoadOptions, Logits, SeqInput, Tokenizer};
 use strata_store::{Arena, BlockId, TokenId};
 
 pub(crate) fn model_path() -> PathBuf {
@@ -87,7 +87,7 @@ fn our_top1(model: &LlamaModel, tokens: &[TokenId]) -> Vec<usize> {
                 tokens: &tokens[i..i + 1],
                 start: i,
                 block_table: &table,
-                logits: true,
+                logits: Logits::Last,
             }];
             argmax(&model.forward(&mut arena, &batch).unwrap()[0])
         })
@@ -149,4 +149,5 @@ fn real_model_paged_equals_contiguous_batch_invariance_and_sharing() {
     crate::paged::paged_equals_contiguous(&model, 3, 40);
     crate::paged::batch_invariance(&model, 70);
     crate::paged::sharing_is_invisible(&model, 3);
+    crate::paged::all_rows_are_each_prefix(&model, 12);
 }

@@ -71,6 +71,8 @@ pub(super) async fn chat(
         salt,
         turn,
         echo: None,
+        scored: None,
+        prompt_only: false,
         tenant: t.index,
         arrival,
     };

@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use strata_kv::TokenId;
 
-use super::generation::{Arrival, Kind, Turn};
+use super::generation::{Arrival, Kind, ScoredPrompt, Turn};
 use super::sessions::take_session;
 use super::submit::{Submission, submit};
 use super::{RawBody, Shared, begin, check_model, off_thread, salt};
@@ -29,14 +29,19 @@ pub(super) fn token_ids(l: &Loaded, v: &[i64]) -> Result<Vec<TokenId>, ApiError>
         .collect()
 }
 
+/// A completion's prompt: its tokens, its text (what `echo` shows), and
+/// whether a BOS token that is not in the text went first.
+pub(super) struct PromptTokens {
+    pub(super) tokens: Vec<TokenId>,
+    pub(super) text: String,
+    pub(super) added_bos: bool,
+}
+
 /// The prompt of a completion: text (special-token strings are parsed, as
 /// Hugging Face tokenizers do for raw prompts) or token ids.
-pub(super) fn completion_prompt(
-    l: &Loaded,
-    p: &Prompt,
-) -> Result<(Vec<TokenId>, String), ApiError> {
+pub(super) fn completion_prompt(l: &Loaded, p: &Prompt) -> Result<PromptTokens, ApiError> {
     let ids = |v: &[i64]| token_ids(l, v);
-    let text = |s: &str| -> Result<(Vec<TokenId>, String), ApiError> {
+    let text = |s: &str| -> Result<PromptTokens, ApiError> {
         let tok = &l.tokenizer;
         let mut t = Vec::new();
         // The BOS token where the model's metadata says prompts get one.
@@ -50,7 +55,22 @@ pub(super) fn completion_prompt(
         if tok.add_bos() && t.len() > 1 && t[0] == t[1] {
             t.remove(0); // the prompt brought its own
         }
-        Ok((t, s.to_string()))
+        let added_bos =
+            tok.add_bos() && !s.is_empty() && t.len() > 1 && Some(t[0]) == tok.bos() && {
+                // Ours unless the text itself starts with the BOS string.
+                let b = tok.token_bytes(t[0]);
+                !s.as_bytes().starts_with(b)
+            };
+        Ok(PromptTokens {
+            tokens: t,
+            text: s.to_string(),
+            added_bos,
+        })
+    };
+    let decoded = |t: Vec<TokenId>| PromptTokens {
+        text: l.tokenizer.decode(&t, true),
+        tokens: t,
+        added_bos: false,
     };
     let one = |n: usize| -> Result<(), ApiError> {
         if n == 1 {
@@ -68,16 +88,10 @@ pub(super) fn completion_prompt(
             one(v.len())?;
             text(&v[0])
         }
-        Prompt::Tokens(v) => {
-            let t = ids(v)?;
-            let s = l.tokenizer.decode(&t, true);
-            Ok((t, s))
-        }
+        Prompt::Tokens(v) => Ok(decoded(ids(v)?)),
         Prompt::TokenLists(v) => {
             one(v.len())?;
-            let t = ids(&v[0])?;
-            let s = l.tokenizer.decode(&t, true);
-            Ok((t, s))
+            Ok(decoded(ids(&v[0])?))
         }
     }
 }
@@ -123,25 +137,35 @@ pub(super) async fn completions(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let arrival = Arrival::now();
-    let (t, l, req): (_, _, CompletionRequest) = begin(&state, &headers, body).await?;
+    let (t, l, mut req): (_, _, CompletionRequest) = begin(&state, &headers, body).await?;
     check_model(&l, req.common.model.as_deref())?;
     let logprobs = match req.logprobs {
         None => None,
         Some(n) => Some(openai::completion_logprobs(n)?),
     };
-    if req.echo && logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "echo",
-            "echo with logprobs (the prompt's log-probabilities) is not supported yet",
-        ));
+    // `max_tokens: 0` with `echo` scores the prompt and generates nothing
+    // (lm-evaluation-harness's loglikelihood): the engine samples one
+    // token, which is not shown or counted.
+    let prompt_only = req.echo && req.common.max_tokens == Some(0);
+    if prompt_only {
+        if req.common.min_tokens.is_some_and(|m| m > 0) {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                "min_tokens must be 0 when max_tokens is 0",
+            ));
+        }
+        req.common.max_tokens = Some(1);
     }
     let checked = req.common.check(l.vocab, logprobs.unwrap_or(0))?;
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
     check_prompt_bytes(&l, &req.prompt)?;
     let (lp, p) = (l.clone(), req.prompt.clone());
-    let (prompt, text) = off_thread(&state, move || completion_prompt(&lp, &p)).await??;
+    let prompt = off_thread(&state, move || completion_prompt(&lp, &p)).await??;
     if state.args.log_text {
-        tracing::info!(prompt = %text, "completion request text");
+        tracing::info!(prompt = %prompt.text, "completion request text");
+    }
+    if req.echo && logprobs.is_some() && req.common.session.is_some() {
+        return Err(strata_engine::EngineError::ScoredTurn.into());
     }
     let turn = match &req.common.session {
         None => None,
@@ -162,14 +186,22 @@ pub(super) async fn completions(
             ))
         }
     };
+    // `echo` with `logprobs`: the prompt's tokens are scored too.
+    let scored = (req.echo && logprobs.is_some()).then(|| ScoredPrompt {
+        tokens: prompt.tokens.clone(),
+        added_bos: prompt.added_bos,
+        scores: Vec::new(),
+    });
     let sub = Submission {
         kind: Kind::Completion,
-        prompt,
+        prompt: prompt.tokens,
         checked,
         logprobs,
         salt,
         turn,
-        echo: req.echo.then_some(text),
+        scored,
+        prompt_only,
+        echo: req.echo.then_some(prompt.text),
         tenant: t.index,
         arrival,
     };

@@ -8,9 +8,10 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use strata_engine::{Event, FinishReason, RequestHandle, Usage};
 use strata_kv::TokenId;
-use strata_model::ChatMessage;
+use strata_model::{ChatMessage, Sampled, Tokenizer};
 
 use super::Shared;
+use super::logprobs::TextLogprobs;
 use super::sessions::release_session;
 use crate::error::ApiError;
 use crate::metrics::Reason;
@@ -55,9 +56,50 @@ pub(super) struct Generation {
     pub(super) last: Option<TokenId>,
     /// Completions with `echo`: the prompt text goes first.
     pub(super) echo: Option<String>,
+    /// Completions with `echo` and `logprobs`: the prompt, scored.
+    pub(super) scored: Option<ScoredPrompt>,
+    /// Nothing generated is shown or counted (`max_tokens: 0`).
+    pub(super) prompt_only: bool,
     pub(super) turn: Option<Turn>,
     pub(super) tenant: usize,
     pub(super) finished: bool,
+}
+
+/// A prompt whose tokens' log-probabilities the answer shows.
+pub(super) struct ScoredPrompt {
+    pub(super) tokens: Vec<TokenId>,
+    /// The first token is a BOS the prompt text does not hold.
+    pub(super) added_bos: bool,
+    /// The engine's scores of `tokens[1..]`, as they come.
+    pub(super) scores: Vec<Sampled>,
+}
+
+impl ScoredPrompt {
+    /// The prompt's entries of completions' `logprobs`: the first token
+    /// has none; offsets count characters of the echoed text.
+    pub(super) fn logprobs(&self, tok: &Tokenizer) -> TextLogprobs {
+        let mut lp = TextLogprobs::default();
+        let mut bytes = Vec::new();
+        // Characters of the whole UTF-8 prefix of `bytes`, and its length.
+        let (mut chars, mut whole) = (0, 0);
+        for (i, &t) in self.tokens.iter().enumerate() {
+            let score = i.checked_sub(1).and_then(|j| self.scores.get(j));
+            lp.push_prompt(tok, chars, t, score.map(|s| (s.logprob, &s.top[..])));
+            if i == 0 && self.added_bos {
+                continue;
+            }
+            bytes.extend_from_slice(tok.token_bytes(t));
+            let valid = match std::str::from_utf8(&bytes[whole..]) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            chars += String::from_utf8_lossy(&bytes[whole..whole + valid])
+                .chars()
+                .count();
+            whole += valid;
+        }
+        lp
+    }
 }
 
 /// What came out of a generation.
@@ -95,6 +137,13 @@ impl Generation {
                 Ok(Some(ev)) => ev,
             };
             match ev {
+                Event::PromptLogprobs(v) => {
+                    if let Some(s) = self.scored.as_mut() {
+                        s.scores.extend(v);
+                    }
+                }
+                // The one token a prompt-only request samples.
+                Event::Token { .. } if self.prompt_only => {}
                 Event::Admitted { .. } => {
                     self.state
                         .metrics
@@ -126,7 +175,16 @@ impl Generation {
                         text,
                     });
                 }
-                Event::Finished { reason, usage } => {
+                Event::Finished {
+                    mut reason,
+                    mut usage,
+                } => {
+                    if self.prompt_only && reason == FinishReason::Stop {
+                        reason = FinishReason::Length;
+                    }
+                    if self.prompt_only {
+                        usage.completion_tokens = 0;
+                    }
                     let m = &self.state.metrics;
                     m.prompt_tokens.inc_by(usage.prompt_tokens as u64);
                     m.generation_tokens.inc_by(usage.completion_tokens as u64);
@@ -285,7 +343,7 @@ impl Drop for Generation {
                     Event::Finished { reason, .. } => {
                         completed = matches!(reason, FinishReason::Stop | FinishReason::Length);
                     }
-                    Event::Admitted { .. } => {}
+                    Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
                 }
             }
             if completed {

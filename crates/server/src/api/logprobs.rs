@@ -81,12 +81,37 @@ impl Serialize for TopMap {
 #[derive(Serialize, Default)]
 pub(super) struct TextLogprobs {
     tokens: Vec<String>,
-    token_logprobs: Vec<f32>,
-    top_logprobs: Vec<TopMap>,
+    /// `null` for the prompt's first token (nothing comes before it).
+    token_logprobs: Vec<Option<f32>>,
+    top_logprobs: Vec<Option<TopMap>>,
     text_offset: Vec<usize>,
 }
 
 impl TextLogprobs {
+    /// A prompt token, with its score (none for the first).
+    pub(super) fn push_prompt(
+        &mut self,
+        tok: &Tokenizer,
+        offset: usize,
+        id: TokenId,
+        score: Option<(f32, &[(TokenId, f32)])>,
+    ) {
+        let text = |t: TokenId| String::from_utf8_lossy(tok.token_bytes(t)).into_owned();
+        self.tokens.push(text(id));
+        self.token_logprobs.push(score.map(|s| s.0));
+        self.top_logprobs
+            .push(score.map(|(_, top)| TopMap(top.iter().map(|&(t, l)| (text(t), l)).collect())));
+        self.text_offset.push(offset);
+    }
+
+    /// Appends `other`'s entries (the generated tokens after the prompt's).
+    pub(super) fn append(&mut self, other: TextLogprobs) {
+        self.tokens.extend(other.tokens);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.top_logprobs.extend(other.top_logprobs);
+        self.text_offset.extend(other.text_offset);
+    }
+
     pub(super) fn push(
         &mut self,
         tok: &Tokenizer,
@@ -97,9 +122,10 @@ impl TextLogprobs {
     ) {
         let text = |t: TokenId| String::from_utf8_lossy(tok.token_bytes(t)).into_owned();
         self.tokens.push(text(id));
-        self.token_logprobs.push(lp);
-        self.top_logprobs
-            .push(TopMap(top.iter().map(|&(t, l)| (text(t), l)).collect()));
+        self.token_logprobs.push(Some(lp));
+        self.top_logprobs.push(Some(TopMap(
+            top.iter().map(|&(t, l)| (text(t), l)).collect(),
+        )));
         self.text_offset.push(offset);
     }
 }

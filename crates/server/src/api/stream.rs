@@ -20,6 +20,9 @@ pub(super) struct Streamer {
     over: bool,
     /// Where the next token starts, in characters of the whole text.
     offset: usize,
+    /// The echoed prompt waits for its scores (they come with the first
+    /// token, or the end).
+    echo_pending: bool,
 }
 
 impl Streamer {
@@ -63,6 +66,7 @@ impl Streamer {
                         let c = self.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "logprobs": null, "finish_reason": null}));
                         self.queue.push_back(c);
                     }
+                    Kind::Completion if self.g.scored.is_some() => self.echo_pending = true,
                     Kind::Completion => {
                         if let Some(e) = self.g.echo.clone() {
                             let c = self.chunk(json!({"index": 0, "text": e, "logprobs": null, "finish_reason": null}));
@@ -72,7 +76,20 @@ impl Streamer {
                 }
                 continue;
             }
-            match self.g.next().await {
+            let step = self.g.next().await;
+            if self.echo_pending && step.is_ok() {
+                self.echo_pending = false;
+                let e = self.g.echo.clone().unwrap_or_default();
+                let lp = self
+                    .g
+                    .scored
+                    .as_ref()
+                    .map(|s| s.logprobs(&self.g.loaded.tokenizer));
+                let c = self
+                    .chunk(json!({"index": 0, "text": e, "logprobs": lp, "finish_reason": null}));
+                self.queue.push_back(c);
+            }
+            match step {
                 Ok(Step::Token {
                     id,
                     logprob,
@@ -147,6 +164,7 @@ pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
         started: false,
         over: false,
         offset,
+        echo_pending: false,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         s.next()

@@ -8,7 +8,7 @@ use strata_engine::Request;
 use strata_kv::TokenId;
 
 use super::Shared;
-use super::generation::{Arrival, Generation, Kind, Turn, request_id};
+use super::generation::{Arrival, Generation, Kind, ScoredPrompt, Turn, request_id};
 use super::sessions::release_session;
 use super::stream::respond_stream;
 use super::whole::respond_whole;
@@ -25,6 +25,10 @@ pub(super) struct Submission {
     pub(super) salt: Option<Vec<u8>>,
     pub(super) turn: Option<(Turn, strata_engine::SessionId)>,
     pub(super) echo: Option<String>,
+    /// `echo` with `logprobs`: the prompt to score.
+    pub(super) scored: Option<ScoredPrompt>,
+    /// Generate nothing (`max_tokens: 0` with `echo`).
+    pub(super) prompt_only: bool,
     pub(super) tenant: usize,
     pub(super) arrival: Arrival,
 }
@@ -53,6 +57,7 @@ pub(super) async fn submit(
         cache_salt: sub.salt,
         session,
         deadline: Some(deadline),
+        prompt_logprobs: sub.scored.as_ref().map(|_| sub.logprobs.unwrap_or(0)),
     };
     let handle = match loaded.engine.submit(req) {
         Ok(h) => h,
@@ -80,6 +85,8 @@ pub(super) async fn submit(
         text: String::new(),
         last: None,
         echo: sub.echo,
+        scored: sub.scored,
+        prompt_only: sub.prompt_only,
         turn,
         tenant: sub.tenant,
         finished: false,

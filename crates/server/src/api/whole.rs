@@ -48,7 +48,13 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                         }],
                         "usage": usage,
                     }),
-                    Kind::Completion => json!({
+                    Kind::Completion => {
+                        if let Some(s) = &g.scored {
+                            let mut all = s.logprobs(&g.loaded.tokenizer);
+                            all.append(std::mem::take(&mut text_lp));
+                            text_lp = all;
+                        }
+                        json!({
                         "id": g.id,
                         "object": "text_completion",
                         "created": g.created,
@@ -61,7 +67,8 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                             "finish_reason": reason,
                         }],
                         "usage": usage,
-                    }),
+                        })
+                    }
                 };
                 return Ok(axum::Json(body).into_response());
             }

@@ -92,15 +92,6 @@ fn chat_and_completions_answer_whole_and_streamed_alike() {
     assert_eq!(c["object"], "text_completion");
     let text = c["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(text.starts_with("once upon a time"), "{text:?}");
-    // Echo with logprobs would need the prompt's: refused, not half-done.
-    let r = s.post(
-        "/v1/completions",
-        &json!({"prompt": ids, "max_tokens": 6, "logprobs": 2, "echo": true}),
-    );
-    assert_eq!(
-        (r.status, r.json()["error"]["param"].clone()),
-        (400, json!("echo"))
-    );
     let c = s.post(
         "/v1/completions",
         &json!({"model": "tiny", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 2}),
@@ -520,4 +511,120 @@ fn logs_hold_no_prompt_or_completion_text_unless_asked() {
         );
         assert_eq!(text.contains(secret), logged, "flags {flags:?}: {text}");
     }
+}
+
+/// Completions' `logprobs` checked for shape: parallel arrays of one
+/// length, offsets where each token's text starts; returns the token
+/// strings and log-probabilities.
+fn text_logprobs(lp: &Value) -> (Vec<String>, Vec<Option<f64>>) {
+    let tokens: Vec<String> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let lps: Vec<Option<f64>> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Value::as_f64)
+        .collect();
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert_eq!(lps.len(), tokens.len(), "{lp}");
+    assert_eq!(offsets.len(), tokens.len(), "{lp}");
+    assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), tokens.len());
+    let mut at = 0;
+    for (t, off) in tokens.iter().zip(offsets) {
+        assert_eq!(off.as_u64().unwrap() as usize, at, "{lp}");
+        at += t.chars().count();
+    }
+    (tokens, lps)
+}
+
+/// `echo` with `logprobs` scores the prompt as lm-evaluation-harness and
+/// perplexity runs use it: each prompt token's log-probability (the first
+/// has none), equal to what generating that token reported; `max_tokens:
+/// 0` generates nothing; streamed and whole agree.
+#[test]
+fn echo_with_logprobs_scores_the_prompt_as_generation_saw_it() {
+    let s = TestServer::tiny(&[]);
+    let prompt = "once upon a time";
+    let ids = s.post("/tokenize", &json!({"content": prompt})).json()["tokens"].clone();
+    let n = ids.as_array().unwrap().len();
+    let g = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 1}),
+    );
+    assert_eq!(g.status, 200, "{}", g.body);
+    let g = g.json();
+    let (_, gen_lps) = text_logprobs(&g["choices"][0]["logprobs"]);
+    let full = format!("{prompt}{}", g["choices"][0]["text"].as_str().unwrap());
+    let full_ids = s.post("/tokenize", &json!({"content": full})).json()["tokens"].clone();
+    let m = full_ids.as_array().unwrap().len();
+    assert_eq!(m, n + 6, "the text retokenizes to the same tokens");
+
+    let body = json!({"prompt": full_ids, "max_tokens": 0, "echo": true, "logprobs": 2});
+    let r = s.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    let c = &r["choices"][0];
+    assert_eq!(c["text"], json!(full), "max_tokens 0: the prompt alone");
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 0);
+    assert_eq!(r["usage"]["prompt_tokens"], m);
+    let lp = &c["logprobs"];
+    let (tokens, lps) = text_logprobs(lp);
+    assert_eq!(tokens.concat(), full);
+    assert_eq!(lps.len(), m);
+    assert_eq!(lps[0], None, "the first token has nothing before it");
+    assert!(lp["top_logprobs"][0].is_null());
+    for (i, l) in lps.iter().enumerate().skip(1) {
+        assert!(l.unwrap() <= 0.0);
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 2);
+    }
+    // The generated tokens, scored as prompt, have the log-probabilities
+    // their generation reported.
+    for (k, (scored, generated)) in lps[n..].iter().zip(&gen_lps).enumerate() {
+        let (a, b) = (scored.unwrap(), generated.unwrap());
+        assert!((a - b).abs() < 1e-4, "token {k}: scored {a}, generated {b}");
+    }
+
+    // With generation after the prompt: the prompt's entries, then the
+    // generated tokens', offsets running through both.
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 3, "temperature": 0, "ignore_eos": true, "echo": true, "logprobs": 0}),
+    );
+    let r = r.json();
+    let (tokens, lps) = text_logprobs(&r["choices"][0]["logprobs"]);
+    assert_eq!(tokens.len(), n + 3);
+    assert_eq!(tokens.concat(), r["choices"][0]["text"].as_str().unwrap());
+    assert!(lps[1..].iter().all(Option::is_some));
+
+    // Streamed: the echo chunk carries the prompt's entries.
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &stream);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["text"], json!(full));
+    assert_eq!(first["choices"][0]["logprobs"], lp.clone());
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+
+    // Not for a session's turn; min_tokens cannot pass max_tokens 0.
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 0, "echo": true, "min_tokens": 2}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("min_tokens"))
+    );
+    let r = s.post("/v1/completions", &json!({"prompt": ids, "max_tokens": 0}));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("max_tokens"))
+    );
+    s.wait_idle();
 }
