@@ -8,7 +8,7 @@
 //! with a 400 naming it ([`Unsupported`]), never silently ignored. `null`
 //! means "not given" wherever OpenAI accepts it.
 
-use std::collections::HashMap;
+mod de;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -17,6 +17,7 @@ use strata_kv::TokenId;
 use strata_model::SamplingParams;
 
 use crate::error::ApiError;
+use de::{Capped, CappedMap, Fields, Given, read_fields};
 
 /// The most `top_logprobs` (as vLLM and OpenAI).
 pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
@@ -40,8 +41,7 @@ where
 }
 
 /// `stop`: one string or several.
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub(crate) enum Stop {
     /// One.
     One(String),
@@ -58,7 +58,7 @@ pub(crate) struct StreamOptions {
 }
 
 /// Parameters common to both completion endpoints.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Common {
     /// The model (must be the one served; may be left out).
     pub(crate) model: Option<String>,
@@ -88,15 +88,13 @@ pub(crate) struct Common {
     pub(crate) repetition_penalty: Option<f64>,
     /// Must be 1.
     pub(crate) n: Option<i64>,
-    /// Token id (as a string) to a bias in [-100, 100].
-    pub(crate) logit_bias: Option<HashMap<String, f64>>,
+    /// Token id (as a string) to a bias in [-100, 100], as given.
+    pub(crate) logit_bias: Option<Vec<(String, f64)>>,
     /// Keep going past end-of-sequence.
-    #[serde(default, deserialize_with = "nullable")]
     pub(crate) ignore_eos: bool,
     /// No stop before this many tokens.
     pub(crate) min_tokens: Option<i64>,
     /// Stream the answer as server-sent events.
-    #[serde(default, deserialize_with = "nullable")]
     pub(crate) stream: bool,
     /// Streaming options.
     pub(crate) stream_options: Option<StreamOptions>,
@@ -105,33 +103,110 @@ pub(crate) struct Common {
     /// Share prefixes only within this salt (if the operator allows).
     pub(crate) cache_salt: Option<String>,
     /// What Strata does not implement yet.
-    #[serde(flatten)]
     pub(crate) unsupported: Unsupported,
+}
+
+impl Common {
+    /// Reads one of its fields (see [`Fields::read`]).
+    fn read<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+    ) -> Result<Option<&'static str>, A::Error> {
+        // Lists and maps are capped as they are read.
+        match key {
+            "stop_token_ids" => {
+                self.stop_token_ids = map.next_value::<Capped<i64, MAX_STOP_TOKEN_IDS>>()?.0;
+                return Ok(Some("stop_token_ids"));
+            }
+            "logit_bias" => {
+                self.logit_bias = map.next_value::<CappedMap<f64, MAX_LOGIT_BIAS>>()?.0;
+                return Ok(Some("logit_bias"));
+            }
+            _ => {}
+        }
+        let read = read_fields!(
+            self,
+            key,
+            map,
+            [
+                model,
+                max_tokens,
+                max_completion_tokens,
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                seed,
+                stop,
+                presence_penalty,
+                frequency_penalty,
+                repetition_penalty,
+                n,
+                ignore_eos,
+                min_tokens,
+                stream,
+                stream_options,
+                session,
+                cache_salt,
+            ]
+        );
+        match read {
+            Some(name) => Ok(Some(name)),
+            None => self.unsupported.read(key, map),
+        }
+    }
 }
 
 /// Parameters that change the answer and that Strata does not implement
 /// yet (9/10 implements the first ones): given with a value other than
 /// "off", they are a 400 naming them.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Unsupported {
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
-    functions: Option<Value>,
-    function_call: Option<Value>,
-    response_format: Option<Value>,
-    best_of: Option<Value>,
-    suffix: Option<Value>,
-    audio: Option<Value>,
-    modalities: Option<Value>,
-    prediction: Option<Value>,
-    reasoning_effort: Option<Value>,
-    web_search_options: Option<Value>,
+    tools: Option<Given>,
+    tool_choice: Option<Given>,
+    functions: Option<Given>,
+    function_call: Option<Given>,
+    response_format: Option<Given>,
+    best_of: Option<Given>,
+    suffix: Option<Given>,
+    audio: Option<Given>,
+    modalities: Option<Given>,
+    prediction: Option<Given>,
+    reasoning_effort: Option<Given>,
+    web_search_options: Option<Given>,
 }
 
 impl Unsupported {
+    fn read<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+    ) -> Result<Option<&'static str>, A::Error> {
+        Ok(read_fields!(
+            self,
+            key,
+            map,
+            [
+                tools,
+                tool_choice,
+                functions,
+                function_call,
+                response_format,
+                best_of,
+                suffix,
+                audio,
+                modalities,
+                prediction,
+                reasoning_effort,
+                web_search_options,
+            ]
+        ))
+    }
+
     /// The first parameter given that Strata cannot honour, as a 400.
     pub(crate) fn check(&self) -> Result<(), ApiError> {
-        let off = |v: &Option<Value>, offs: &[Value]| v.as_ref().is_none_or(|v| offs.contains(v));
+        let off = |v: &Option<Given>, offs: &[Value]| v.as_ref().is_none_or(|v| v.is_off(offs));
         let no_tools = [Value::Array(Vec::new())];
         let checks: [(&'static str, bool, &str); 12] = [
             (
@@ -266,29 +341,55 @@ pub(crate) struct Message {
     /// A participant's name (given to the template as plain text).
     pub(crate) name: Option<String>,
     /// An assistant's tool calls (not supported yet: 9/10).
-    tool_calls: Option<Value>,
+    tool_calls: Option<Given>,
     /// A function call (the older form; not supported).
-    function_call: Option<Value>,
+    function_call: Option<Given>,
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ChatRequest {
     /// The conversation (or, in a session, its new messages).
     pub(crate) messages: Vec<Message>,
     /// Return log-probabilities.
-    #[serde(default, deserialize_with = "nullable")]
     pub(crate) logprobs: bool,
     /// How many alternatives per token, in [0, 20].
     pub(crate) top_logprobs: Option<i64>,
     /// Everything else.
-    #[serde(flatten)]
     pub(crate) common: Common,
 }
 
+impl Fields for ChatRequest {
+    const WHAT: &'static str = "a chat completion request";
+
+    fn read<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+    ) -> Result<Option<&'static str>, A::Error> {
+        match read_fields!(self, key, map, [messages, logprobs, top_logprobs]) {
+            Some(name) => Ok(Some(name)),
+            None => self.common.read(key, map),
+        }
+    }
+
+    fn finish<E: serde::de::Error>(&self, given: &[&'static str]) -> Result<(), E> {
+        if given.contains(&"messages") {
+            Ok(())
+        } else {
+            Err(E::missing_field("messages"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ChatRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de::fields(d)
+    }
+}
+
 /// `prompt` of `/v1/completions`.
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub(crate) enum Prompt {
     /// Text.
     Text(String),
@@ -300,19 +401,52 @@ pub(crate) enum Prompt {
     TokenLists(Vec<Vec<i64>>),
 }
 
+impl Default for Prompt {
+    fn default() -> Self {
+        Prompt::Text(String::new())
+    }
+}
+
 /// `POST /v1/completions`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct CompletionRequest {
     /// What to continue.
     pub(crate) prompt: Prompt,
     /// Alternatives per token, in [0, 20].
     pub(crate) logprobs: Option<i64>,
     /// Prepend the prompt to the answer.
-    #[serde(default, deserialize_with = "nullable")]
     pub(crate) echo: bool,
     /// Everything else.
-    #[serde(flatten)]
     pub(crate) common: Common,
+}
+
+impl Fields for CompletionRequest {
+    const WHAT: &'static str = "a completion request";
+
+    fn read<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+    ) -> Result<Option<&'static str>, A::Error> {
+        match read_fields!(self, key, map, [prompt, logprobs, echo]) {
+            Some(name) => Ok(Some(name)),
+            None => self.common.read(key, map),
+        }
+    }
+
+    fn finish<E: serde::de::Error>(&self, given: &[&'static str]) -> Result<(), E> {
+        if given.contains(&"prompt") {
+            Ok(())
+        } else {
+            Err(E::missing_field("prompt"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CompletionRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de::fields(d)
+    }
 }
 
 /// What the engine gets from the common parameters.
@@ -418,15 +552,9 @@ impl Common {
             }
             Ok(TokenId::new(t as u32))
         };
-        let biases = self.logit_bias.as_ref().map_or(0, HashMap::len);
-        if biases > MAX_LOGIT_BIAS {
-            return Err(ApiError::invalid(
-                "logit_bias",
-                format!("at most {MAX_LOGIT_BIAS} logit_bias entries, got {biases}"),
-            ));
-        }
+        // (At most MAX_LOGIT_BIAS entries: refused as the body is read.)
         let mut logit_bias = Vec::new();
-        for (k, &b) in self.logit_bias.iter().flatten() {
+        for &(ref k, b) in self.logit_bias.iter().flatten() {
             let id: i64 = k.trim().parse().map_err(|_| {
                 ApiError::invalid(
                     "logit_bias",
@@ -476,13 +604,7 @@ impl Common {
                 ),
             ));
         }
-        let given = self.stop_token_ids.as_ref().map_or(0, Vec::len);
-        if given > MAX_STOP_TOKEN_IDS {
-            return Err(ApiError::invalid(
-                "stop_token_ids",
-                format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {given}"),
-            ));
-        }
+        // (At most MAX_STOP_TOKEN_IDS: refused as the body is read.)
         let mut stop_token_ids = self
             .stop_token_ids
             .iter()
@@ -571,8 +693,8 @@ impl Message {
         if self
             .tool_calls
             .as_ref()
-            .is_some_and(|v| *v != Value::Array(Vec::new()))
-            || self.function_call.as_ref().is_some_and(|v| !v.is_null())
+            .is_some_and(|v| !v.is_off(&[Value::Array(Vec::new())]))
+            || self.function_call.as_ref().is_some_and(|v| !v.is_off(&[]))
         {
             return Err(ApiError::invalid(
                 "messages",
@@ -602,3 +724,6 @@ impl Message {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
