@@ -44,6 +44,16 @@ pub(crate) struct Tenant {
     pub(crate) salt: Option<Vec<u8>>,
     /// Its index (sessions record it).
     pub(crate) index: usize,
+    /// Its share of [`AppState::heavy`]: with several tenants, one less
+    /// than all, so one tenant's flood of long texts always leaves room
+    /// for the others.
+    heavy: Arc<tokio::sync::Semaphore>,
+}
+
+/// Permission to run CPU-heavy work: the tenant's share and the pool's.
+pub(crate) struct HeavyPermit {
+    _tenant: tokio::sync::OwnedSemaphorePermit,
+    _pool: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A session as the server keeps it: the engine's id, the tenant that owns
@@ -98,6 +108,14 @@ pub(crate) struct AppState {
 impl AppState {
     /// The state of a server that is still loading its model.
     pub(crate) fn new(args: ServeArgs, keys: Keys, hash_key: HashKey, metrics: Metrics) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let pool = cores.max(2);
+        let share = if keys.tenants.len() > 1 {
+            pool - 1
+        } else {
+            pool
+        };
+        let share = || Arc::new(tokio::sync::Semaphore::new(share));
         let tenants = keys
             .tenants
             .iter()
@@ -110,26 +128,39 @@ impl AppState {
                         .to_vec(),
                 ),
                 index,
+                heavy: share(),
             })
             .collect();
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hash = |k: &String| *blake3::hash(k.as_bytes()).as_bytes();
         Self {
             loaded: OnceLock::new(),
             tenants,
             admin: keys.admin.as_ref().map(hash),
             metrics_key: keys.metrics.as_ref().map(hash),
-            heavy: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
+            heavy: Arc::new(tokio::sync::Semaphore::new(pool)),
             anonymous: Tenant {
                 key_hash: [0; 32],
                 salt: None,
                 index: usize::MAX,
+                heavy: share(),
             },
             sessions: Mutex::new(HashMap::new()),
             metrics,
             args,
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Waits for `t`'s share of the heavy pool, then for the pool (FIFO
+    /// both): a tenant waits behind its own requests first, so another's
+    /// never queue behind a flood it did not send.
+    pub(crate) async fn heavy_permit(&self, t: &Tenant) -> Option<HeavyPermit> {
+        let tenant = t.heavy.clone().acquire_owned().await.ok()?;
+        let pool = self.heavy.clone().acquire_owned().await.ok()?;
+        Some(HeavyPermit {
+            _tenant: tenant,
+            _pool: pool,
+        })
     }
 
     /// The tenant a bearer token names: every key is compared, in constant
@@ -372,6 +403,59 @@ pub(crate) fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(keys: &[&str]) -> AppState {
+        let args = ServeArgs::defaults();
+        let keys = Keys {
+            tenants: keys.iter().map(|k| k.to_string()).collect(),
+            admin: None,
+            metrics: None,
+        };
+        let metrics = Metrics::new(Arc::default());
+        AppState::new(args, keys, HashKey::from_bytes([1; 32]), metrics)
+    }
+
+    /// One tenant holding all it may of the heavy pool (and queueing more)
+    /// leaves a permit another tenant takes at once; alone, a tenant may
+    /// use the whole pool.
+    #[test]
+    fn a_tenants_flood_of_heavy_work_leaves_room_for_the_others() {
+        use futures_util::FutureExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = state(&["key-a", "key-b"]);
+            let (a, b) = (&s.tenants[0], &s.tenants[1]);
+            let pool = s.heavy.available_permits();
+            let mut held = Vec::new();
+            for _ in 0..pool - 1 {
+                held.push(s.heavy_permit(a).await.unwrap());
+            }
+            let mut queued = Box::pin(s.heavy_permit(a));
+            assert!((&mut queued).now_or_never().is_none(), "past its share");
+            let other = s.heavy_permit(b).now_or_never().flatten();
+            assert!(other.is_some(), "the other tenant waited behind the flood");
+            assert!(
+                (&mut queued).now_or_never().is_none(),
+                "still past its share"
+            );
+            drop(held.pop());
+            assert!(queued.now_or_never().flatten().is_some(), "its turn came");
+
+            let alone = state(&["only"]);
+            let mut all = Vec::new();
+            for _ in 0..alone.heavy.available_permits() {
+                all.push(
+                    alone
+                        .heavy_permit(&alone.tenants[0])
+                        .now_or_never()
+                        .flatten(),
+                );
+            }
+            assert!(all.iter().all(Option::is_some), "one tenant uses the pool");
+        });
+    }
 
     /// Many servers starting at once on a fresh cache directory (in one
     /// process, as the tests do) all get the key, and the same one.

@@ -42,7 +42,7 @@ pub(super) async fn chat(
     let (prompt, turn) = match &req.common.session {
         None => {
             let (l, msgs) = (l.clone(), messages.clone());
-            let prompt = off_thread(&state, move || render(&l, &msgs, None)).await??;
+            let prompt = off_thread(&state, t, move || render(&l, &msgs, None)).await??;
             (prompt, None)
         }
         Some(key) => {
@@ -55,7 +55,7 @@ pub(super) async fn chat(
             }
             let (l, msgs) = (l.clone(), messages.clone());
             let history = (claim.history.clone(), claim.ended_with_eos);
-            let prompt = off_thread(&state, move || render(&l, &msgs, Some(history))).await??;
+            let prompt = off_thread(&state, t, move || render(&l, &msgs, Some(history))).await??;
             let turn = Turn {
                 key: key.clone(),
                 messages: Some(messages),

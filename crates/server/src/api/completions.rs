@@ -160,7 +160,7 @@ pub(super) async fn completions(
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
     check_prompt_bytes(&l, &req.prompt)?;
     let (lp, p) = (l.clone(), req.prompt.clone());
-    let prompt = off_thread(&state, move || completion_prompt(&lp, &p)).await??;
+    let prompt = off_thread(&state, t, move || completion_prompt(&lp, &p)).await??;
     if state.args.log_text {
         tracing::info!(prompt = %prompt.text, "completion request text");
     }

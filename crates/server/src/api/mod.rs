@@ -132,17 +132,15 @@ async fn require_admin(
 /// client that disconnects cannot free its slot while the work still runs.
 async fn off_thread<T: Send + 'static>(
     state: &AppState,
+    tenant: &Tenant,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     // Waiting for a permit is bounded too: a crowd of long texts makes the
     // others wait at most the request timeout, then answers 503.
-    let permit = tokio::time::timeout(
-        state.args.request_timeout,
-        state.heavy.clone().acquire_owned(),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("the server is busy tokenizing; retry shortly", 1))?
-    .map_err(|_| ApiError::unavailable("the server is shutting down", 5))?;
+    let permit = tokio::time::timeout(state.args.request_timeout, state.heavy_permit(tenant))
+        .await
+        .map_err(|_| ApiError::unavailable("the server is busy tokenizing; retry shortly", 1))?
+        .ok_or_else(|| ApiError::unavailable("the server is shutting down", 5))?;
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         work()
@@ -176,7 +174,7 @@ async fn begin<'a, T: DeserializeOwned + Send + 'static>(
     let body = body?;
     json_type(headers)?;
     let req = if body.len() > PARSE_OFF_THREAD {
-        off_thread(state, move || decode(&body)).await??
+        off_thread(state, t, move || decode(&body)).await??
     } else {
         decode(&body)?
     };

@@ -30,7 +30,7 @@ pub(super) async fn tokenize(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (_, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body).await?;
+    let (t, l, req): (_, _, TokenizeRequest) = begin(&state, &headers, body).await?;
     let messages = match (&req.content, &req.messages) {
         (Some(_), None) => None,
         (None, Some(m)) => {
@@ -43,7 +43,7 @@ pub(super) async fn tokenize(
         _ => return Err(ApiError::bad_request("give either `content` or `messages`")),
     };
     let work = l.clone();
-    let body = off_thread(&state, move || -> Result<Vec<u8>, ApiError> {
+    let body = off_thread(&state, t, move || -> Result<Vec<u8>, ApiError> {
         let tok = &work.tokenizer;
         match (messages, &req.content) {
             (Some(msgs), _) => work
@@ -95,9 +95,9 @@ pub(super) async fn detokenize(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (_, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body).await?;
+    let (t, l, req): (_, _, DetokenizeRequest) = begin(&state, &headers, body).await?;
     // A long list decodes to a long text: built off the async workers.
-    let body = off_thread(&state, move || -> Result<Vec<u8>, ApiError> {
+    let body = off_thread(&state, t, move || -> Result<Vec<u8>, ApiError> {
         let ids = token_ids(&l, &req.tokens)?;
         let content = l.tokenizer.decode(&ids, true);
         Ok(serde_json::to_vec(&serde_json::json!({ "content": content })).unwrap_or_default())
