@@ -104,6 +104,9 @@ pub struct Counters {
     /// Preemptions of a request older than the one the room was made for
     /// (always 0: newer requests give way).
     pub priority_inversions: u64,
+    /// Requests paused for their clients that gave their blocks or their
+    /// running slot to others (of any age; counted among preemptions).
+    pub gave_way: u64,
     /// Plans that found fewer free blocks than the plan before promised to
     /// its waiting rows (always 0 unless the scheduler's accounting of what
     /// comes back has a bug).
@@ -387,7 +390,7 @@ impl Scheduler {
 
     /// Whether a step could be planned now (without looking at blocks).
     pub(crate) fn has_work(&self) -> bool {
-        !self.waiting.is_empty()
+        self.waiting.iter().any(|id| !self.seqs[id].paused())
             || self.running.iter().any(|id| {
                 let s = &self.seqs[id];
                 self.plannable(s) && !s.waits_for_reader()
@@ -398,7 +401,10 @@ impl Scheduler {
     /// engine then polls (its client may read, its deadline may pass)
     /// instead of sleeping until a message.
     pub(crate) fn has_paused(&self) -> bool {
-        self.running.iter().any(|id| self.seqs[id].paused())
+        self.running
+            .iter()
+            .chain(&self.waiting)
+            .any(|id| self.seqs[id].paused())
     }
 
     /// Live requests (not finished).
@@ -439,6 +445,15 @@ impl Scheduler {
         for id in &self.running {
             let s = self.seqs.get_mut(id).expect("running requests exist");
             s.paused_since = if s.waits_for_reader() {
+                Some(s.paused_since.unwrap_or(now))
+            } else {
+                None
+            };
+        }
+        // A paused request that gave way waits for its client here.
+        for id in &self.waiting {
+            let s = self.seqs.get_mut(id).expect("waiting requests exist");
+            s.paused_since = if s.paused() {
                 Some(s.paused_since.unwrap_or(now))
             } else {
                 None
@@ -545,16 +560,25 @@ impl Scheduler {
         // preempt or whose running requests wait for blocks (the blocks
         // coming back are theirs).
         let pressed = self.counters.preemptions > preemptions_before || room.any_waiting();
-        while !pressed && budget > 0 && self.running.len() < self.config.max_running {
-            let Some(&id) = self.waiting.front() else {
+        while !pressed && budget > 0 {
+            // A request paused for its client waits for it to read, out of
+            // everyone's way (it gave way to be here).
+            let Some(at) = self.waiting.iter().position(|id| !self.seqs[id].paused()) else {
                 break;
             };
+            let id = self.waiting[at];
+            if self.running.len() >= self.config.max_running
+                && !self.give_way_for_slot(&mut g, &mut room, &seqs)?
+            {
+                break;
+            }
             match self.admit(&mut g, &mut room, id)? {
                 Admission::Admitted => {}
                 Admission::Wait => break,
                 Admission::Gone => continue,
             }
-            self.waiting.pop_front();
+            // By id: a request that gave way may have joined the line.
+            self.waiting.retain(|&w| w != id);
             let at = self.running.partition_point(|&r| r < id);
             self.running.insert(at, id);
             match self.plan_row(&mut g, &room, id, epoch, budget)? {

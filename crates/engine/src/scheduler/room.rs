@@ -53,12 +53,15 @@ pub(super) struct Room {
 enum Giver {
     Session(u64, HolderId),
     Request(RequestId, HolderId),
+    /// A running request paused for its client (any age: it is not
+    /// reading, others are waiting).
+    Paused(RequestId, HolderId),
 }
 
 impl Giver {
     fn holder(self) -> HolderId {
         match self {
-            Giver::Session(_, h) | Giver::Request(_, h) => h,
+            Giver::Session(_, h) | Giver::Request(_, h) | Giver::Paused(_, h) => h,
         }
     }
 }
@@ -143,12 +146,14 @@ impl Scheduler {
         }
         if short > 0 {
             let mut givers = self.idle_sessions();
+            givers.extend(self.paused_givers(in_step));
             // Only newer requests give way (FCFS: a preempted request keeps
             // its place in line, so it cannot starve), none in this step,
             // and none about to finish (its blocks come back anyway).
             for &v in self.running.iter().rev().take_while(|&&v| v > id) {
                 let s = &self.seqs[&v];
-                if in_step.iter().any(|r| r.seq == v) || !self.plannable(s) {
+                if in_step.iter().any(|r| r.seq == v) || !self.plannable(s) || s.waits_for_reader()
+                {
                     continue;
                 }
                 let lease = s.lease.as_ref().expect("running requests hold a lease");
@@ -192,8 +197,48 @@ impl Scheduler {
             // It comes back with the step in flight: admit next step.
             return Ok(false);
         }
-        let givers = self.idle_sessions();
+        let mut givers = self.idle_sessions();
+        givers.extend(self.paused_givers(&[]));
         Ok(self.give_up(g, givers, short, keep, None, room)? && room.available_now(g) >= want)
+    }
+
+    /// Running requests paused for their clients, none in this step,
+    /// newest first: they give way to anyone who would run (their full
+    /// blocks stay cached, so resuming once the client reads costs little).
+    fn paused_givers(&self, in_step: &[StepSeq]) -> Vec<Giver> {
+        self.running
+            .iter()
+            .rev()
+            .filter(|&&v| {
+                let s = &self.seqs[&v];
+                s.waits_for_reader() && self.plannable(s) && !in_step.iter().any(|r| r.seq == v)
+            })
+            .map(|&v| {
+                let lease = self.seqs[&v]
+                    .lease
+                    .as_ref()
+                    .expect("running requests hold a lease");
+                Giver::Paused(v, lease.id())
+            })
+            .collect()
+    }
+
+    /// Every running slot is taken: a request paused for its client gives
+    /// its slot up to the waiting request about to be admitted. Whether a
+    /// slot is free now.
+    pub(super) fn give_way_for_slot(
+        &mut self,
+        g: &mut PoolGuard<'_>,
+        room: &mut Room,
+        in_step: &[StepSeq],
+    ) -> Result<bool, KvError> {
+        let Some(Giver::Paused(v, _)) = self.paused_givers(in_step).first().copied() else {
+            return Ok(false);
+        };
+        room.forget(v);
+        self.preempt(g, v)?;
+        self.counters.gave_way += 1;
+        Ok(true)
     }
 
     /// Sessions whose pins are at rest (idle, or their turn not admitted),
@@ -266,6 +311,11 @@ impl Scheduler {
                         .expect("an idle session's pins");
                     g.release(lease)?;
                     self.counters.sessions_unpinned += 1;
+                }
+                Giver::Paused(v, _) => {
+                    room.forget(v);
+                    self.preempt(g, v)?;
+                    self.counters.gave_way += 1;
                 }
                 Giver::Request(v, _) => {
                     let (id, needless) = row.expect("only rows preempt");

@@ -250,22 +250,46 @@ fn an_executor_that_dies_fails_every_request_and_the_engine_says_so() {
     ));
 }
 
-/// Every running request paused for its client (who reads nothing) while
-/// another waits for a running slot: the engine goes quiet. Before the fix,
-/// each completed step was followed by an empty overlapped step for ever
-/// (the threads spun on empty steps until a client read).
+/// Every running slot held by a request paused for its client (who reads
+/// nothing) while another waits: the paused one gives its slot up (before
+/// the fix the waiting request waited until the paused one's deadline),
+/// the engine then goes quiet (no empty steps: before that fix each
+/// completed step was followed by an empty one for ever), and once its
+/// client reads, the paused request resumes and its output is exact.
 #[test]
-fn paused_requests_with_one_waiting_run_no_empty_steps() {
+fn a_request_paused_for_its_client_gives_its_slot_to_a_waiting_one() {
     use std::time::{Duration, Instant};
     let engine = strata_engine::Engine::start(
         crate::fake::FakeRunner::new(256, 4, 1),
         crate::fake::config(256, 4, 64, 1),
     )
     .unwrap();
-    let _unread = engine.submit(request(tokens(41, 5), 400)).unwrap();
-    let mut waiting = engine.submit(request(tokens(42, 5), 4)).unwrap();
-    // Bounded wait until the paused request's rows stop (polled).
+    let (p1, p2) = (tokens(41, 5), tokens(42, 5));
+    let mut unread = engine.submit(request(p1.clone(), 400)).unwrap();
+    let mut waiting = engine.submit(request(p2.clone(), 4)).unwrap();
+    // Bounded: polled, never a hang on a regression.
     let start = Instant::now();
+    let mut got = Vec::new();
+    loop {
+        match waiting.try_recv() {
+            Ok(Event::Token { id, .. }) => got.push(id),
+            Ok(Event::Finished { reason, .. }) => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the waiting request never ran"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    assert_eq!(got, expected(&p2, 4));
+    assert!(engine.stats().counters.gave_way >= 1);
+    // Quiet while the only request left waits for its client.
     let mut rows = engine.stats().counters.rows;
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -280,5 +304,25 @@ fn paused_requests_with_one_waiting_run_no_empty_steps() {
     std::thread::sleep(Duration::from_millis(300));
     let more = engine.stats().counters.steps - steps;
     assert!(more <= 1, "{more} steps while every request waits");
-    assert!(waiting.try_recv().is_err(), "the waiting request never ran");
+    let mut out = Vec::new();
+    let start = Instant::now();
+    loop {
+        match unread.try_recv() {
+            Ok(Event::Token { id, .. }) => out.push(id),
+            Ok(Event::Finished { reason, .. }) => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the paused request never resumed ({e:?})"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    assert_eq!(out, expected(&p1, 400), "resumed exactly where it paused");
+    crate::fixture::assert_whole(&engine);
 }

@@ -35,6 +35,9 @@ struct Live {
     /// Disconnect after this many tokens.
     drop_after: Option<usize>,
     max_tokens: usize,
+    /// Its client reads nothing until this many steps have run (it pauses
+    /// past MAX_UNREAD tokens, and gives way to others).
+    stalled_until: u64,
     /// It asked for prompt scores; these came.
     scored: bool,
     scores: Vec<Sampled>,
@@ -160,7 +163,18 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 (0..rng.random_range(1..24))
                     .map(|_| TokenId::new(rng.random_range(3..VOCAB as u32))),
             );
-            let max_tokens = rng.random_range(1..40);
+            // Now and then a client that stops reading a long answer.
+            let stalls = rng.random_bool(0.05);
+            let max_tokens = if stalls {
+                rng.random_range(66..90)
+            } else {
+                rng.random_range(1..40)
+            };
+            let stalled_until = if stalls {
+                engine.stats().counters.steps + rng.random_range(50..500)
+            } else {
+                0
+            };
             let idle: Vec<usize> = (0..sessions.len())
                 .filter(|&k| sessions[k].as_ref().is_some_and(|s| !s.busy))
                 .collect();
@@ -207,16 +221,20 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
                 drop_after: (turn.is_none() && rng.random_bool(0.15))
                     .then(|| rng.random_range(0..8)),
                 max_tokens,
+                stalled_until,
                 scored,
                 scores: Vec::new(),
             });
         }
         let mut progressed = false;
         let mut i = 0;
+        let now = engine.stats().counters.steps;
         while i < live.len() {
             let l = &mut live[i];
             let mut done = None;
-            while let Ok(e) = l.handle.try_recv() {
+            while l.stalled_until <= now
+                && let Ok(e) = l.handle.try_recv()
+            {
                 progressed = true;
                 match e {
                     Event::Token { id, .. } => l.got.push(id),
@@ -284,7 +302,35 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
             }
         }
     }
-    drop(live);
+    // Every request still live finishes once its client reads (none is
+    // lost: a request that never ends would hang here, so the watchdog).
+    for mut l in live {
+        let start = std::time::Instant::now();
+        let reason = loop {
+            match l.handle.try_recv() {
+                Ok(Event::Token { id, .. }) => l.got.push(id),
+                Ok(Event::Finished { reason, .. }) => break reason,
+                Ok(Event::PromptLogprobs(v)) => l.scores.extend(v),
+                Ok(Event::Admitted { .. }) => {}
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    panic!("{} ended without finishing", l.handle.id())
+                }
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(
+                        start.elapsed() < std::time::Duration::from_secs(20),
+                        "{} never finished:\n{}",
+                        l.handle.id(),
+                        engine.debug_state()
+                    );
+                    std::thread::yield_now();
+                }
+            }
+        };
+        if l.drop_after.is_none() {
+            verify(&l, &reason, &failed_rows(&calls));
+        }
+        end_turn(&mut sessions, &l, &reason);
+    }
     for sess in sessions.into_iter().flatten() {
         engine.destroy_session(&sess.id).unwrap();
     }
@@ -334,6 +380,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
         c.steps
     );
     assert!(disconnected > 0 && finished > 0 && turns > 0 && destroyed > 0);
+    assert!(c.gave_way > 0, "no paused request gave way: {c:?}");
     assert!(
         c.overlapped_steps * 2 > c.steps,
         "most steps overlap under load: {c:?}"
