@@ -192,6 +192,12 @@ impl AppState {
             .is_none_or(|want| key_matches(&want, bearer))
     }
 
+    /// Whether `bearer` is the metrics key (false without one).
+    pub(crate) fn is_metrics_key(&self, bearer: Option<&str>) -> bool {
+        self.metrics_key
+            .is_some_and(|want| key_matches(&want, bearer))
+    }
+
     /// Locks the sessions, ignoring poison (no handler panics while holding it).
     pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())

@@ -63,7 +63,31 @@ pub(crate) fn router(state: Shared) -> Router<()> {
         .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), close_keyless))
         .with_state(state)
+}
+
+/// With API keys set, a request that carries none of the server's keys is
+/// answered and its connection closed: only clients with a key can keep
+/// connections open, so strangers cannot hold the connection cap with
+/// keep-alive (each of theirs lasts one request, or the header timeout).
+async fn close_keyless(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let keyed = state.tenants.is_empty() || {
+        let b = bearer(req.headers());
+        state.tenant(b).is_some() || state.is_admin(b) == Some(true) || state.is_metrics_key(b)
+    };
+    let mut resp = next.run(req).await;
+    if !keyed {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 async fn not_found() -> ApiError {

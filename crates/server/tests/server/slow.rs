@@ -188,3 +188,42 @@ fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
     );
     assert_eq!(s.get("/health").status, 200);
 }
+
+/// With API keys set, a request without a key is answered and its
+/// connection closed (strangers cannot hold the cap with keep-alive); a
+/// client with a key keeps its connection.
+#[test]
+fn without_a_key_a_connection_lasts_one_request() {
+    let s = TestServer::tiny(&["--api-key", "key-one-1", "--header-timeout", "60"]);
+    let mut c = connect(&s);
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (reply, took) = until_closed(c);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let mut c = connect(&s);
+    c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\r\n")
+        .unwrap();
+    let (reply, _) = until_closed(c);
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    // With the key: two requests on one connection.
+    let mut c = connect(&s);
+    for _ in 0..2 {
+        c.write_all(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one-1\r\n\r\n",
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !String::from_utf8_lossy(&got).contains("\"data\"") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed a keyed connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    }
+}
