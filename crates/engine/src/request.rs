@@ -143,6 +143,10 @@ pub enum Event {
     },
 }
 
+/// The top bit of the word a handle shares with the engine (the rest
+/// counts unread tokens): the client asked to abort, and still reads.
+pub(crate) const CANCELLED: usize = 1 << (usize::BITS - 1);
+
 /// The receiving side of a request. Dropping it aborts the request: its
 /// blocks come back (through quarantine if a step still uses them).
 #[derive(Debug)]
@@ -158,6 +162,15 @@ impl RequestHandle {
     /// The engine's id for the request.
     pub fn id(&self) -> RequestId {
         self.id
+    }
+
+    /// Aborts the request but keeps the handle: its events still arrive,
+    /// ending with `Finished`, whose reason says how it really ended (a
+    /// request that completed before the abort reached the engine says
+    /// `Stop` or `Length`; a session's turn that did is in the session).
+    /// Dropping the handle aborts too, without telling.
+    pub fn abort(&self) {
+        self.unread.fetch_or(CANCELLED, Ordering::AcqRel);
     }
 
     /// The next event, waiting for it (from async code).

@@ -29,7 +29,9 @@ use tokio::sync::mpsc;
 
 use crate::EngineConfig;
 use crate::executor::{Score, Step, StepResult, StepSeq};
-use crate::request::{Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, Usage};
+use crate::request::{
+    CANCELLED, Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, Usage,
+};
 use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
@@ -187,7 +189,7 @@ impl Seq {
     /// Whether its client has left [`MAX_UNREAD`] tokens unread: its next
     /// token waits until it reads.
     fn paused(&self) -> bool {
-        self.unread.load(std::sync::atomic::Ordering::Acquire) >= MAX_UNREAD
+        self.unread.load(std::sync::atomic::Ordering::Acquire) & !CANCELLED >= MAX_UNREAD
     }
 
     /// Whether its next row is a decode row held back for its client (a
@@ -428,7 +430,11 @@ impl Scheduler {
         let gone: Vec<RequestId> = self
             .seqs
             .values()
-            .filter(|s| !s.finished && s.events.is_closed())
+            .filter(|s| {
+                !s.finished
+                    && (s.events.is_closed()
+                        || s.unread.load(std::sync::atomic::Ordering::Acquire) & CANCELLED != 0)
+            })
             .map(|s| s.id)
             .collect();
         for id in gone {

@@ -300,3 +300,50 @@ fn a_scored_session_turn_is_refused() {
     assert!(matches!(e.submit(r), Err(EngineError::ScoredTurn)));
     assert_whole(&e);
 }
+
+/// `abort` keeps the handle: the request ends `Abort` and says so; one
+/// that completed before the abort reached the engine says how it really
+/// ended (the server records a session's turn by that).
+#[test]
+fn an_abort_that_keeps_the_handle_tells_how_the_request_ended() {
+    let m = model(7);
+    let e = engine(&m, Setup::default());
+    let mut h = e.submit(greedy(prompt(0, 20, 2), 400)).unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if let Some(Event::Token { .. }) = h.recv_blocking() {
+            tokens += 1;
+        }
+    }
+    h.abort();
+    let rest = h.collect_blocking();
+    let more = rest
+        .iter()
+        .filter(|e| matches!(e, Event::Token { .. }))
+        .count();
+    match rest.last() {
+        Some(Event::Finished { reason, usage }) => {
+            assert_eq!(*reason, FinishReason::Abort);
+            assert_eq!(usage.completion_tokens, tokens + more);
+            assert!(tokens + more < 400);
+        }
+        e => panic!("ended with {e:?}"),
+    }
+
+    let sid = e.create_session(None).unwrap();
+    let mut turn = greedy(prompt(0, 9, 3), 3);
+    turn.session = Some(sid.clone());
+    let h = e.submit(turn).unwrap();
+    e.wait_idle();
+    h.abort();
+    let mut h = h;
+    let out = outcome(h.collect_blocking());
+    assert_eq!(out.reason, FinishReason::Length, "it had completed");
+    // The session kept it: the next turn continues after its 12 tokens.
+    let mut next = greedy(prompt(0, 2, 4), 1);
+    next.session = Some(sid.clone());
+    let out = outcome(e.submit(next).unwrap().collect_blocking());
+    assert_eq!(out.usage.prompt_tokens, 12 + 2);
+    e.destroy_session(&sid).unwrap();
+    assert_whole(&e);
+}

@@ -276,23 +276,8 @@ impl Generation {
     /// A completed session turn: the session remembers the new messages and
     /// the reply.
     fn record_turn(&mut self) {
-        let Some(t) = &self.turn else {
-            return;
-        };
-        let eos = self
-            .last
-            .as_ref()
-            .is_some_and(|t| self.loaded.tokenizer.eos().contains(t));
-        if let Some(s) = self.state.sessions().get_mut(&t.key) {
-            // A completed raw turn makes the session raw (a refused one
-            // leaves it as it was).
-            s.raw |= t.messages.is_none();
-            if let Some(msgs) = &t.messages {
-                s.history.extend(msgs.iter().cloned());
-                s.history
-                    .push(ChatMessage::new("assistant", self.text.clone()));
-            }
-            s.ended_with_eos = eos;
+        if let Some(t) = &self.turn {
+            record(&self.state, &self.loaded, t, &self.text, self.last);
         }
     }
 
@@ -325,30 +310,56 @@ impl Generation {
     }
 }
 
+/// Records a completed turn in its session.
+fn record(state: &Shared, loaded: &Loaded, t: &Turn, text: &str, last: Option<TokenId>) {
+    let eos = last.is_some_and(|t| loaded.tokenizer.eos().contains(&t));
+    if let Some(s) = state.sessions().get_mut(&t.key) {
+        // A completed raw turn makes the session raw (a refused one
+        // leaves it as it was).
+        s.raw |= t.messages.is_none();
+        if let Some(msgs) = &t.messages {
+            s.history.extend(msgs.iter().cloned());
+            s.history
+                .push(ChatMessage::new("assistant", text.to_string()));
+        }
+        s.ended_with_eos = eos;
+    }
+}
+
 impl Drop for Generation {
     fn drop(&mut self) {
-        // A session turn the engine completed before its client left: the
-        // engine's session holds it, so the server's history must too.
+        // The client left during a session turn. The engine may have
+        // completed the turn already (its session holds it then, and the
+        // server's history must too) or may still: abort it, and learn
+        // which from its last event, the session busy until then.
         if !self.finished
             && self.turn.is_some()
-            && let Some(h) = self.handle.as_mut()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+            && let Some(mut h) = self.handle.take()
         {
-            let mut completed = false;
-            while let Ok(ev) = h.try_recv() {
-                match ev {
-                    Event::Token { id, text, .. } => {
-                        self.text.push_str(&text);
-                        self.last = Some(id);
+            h.abort();
+            let turn = self.turn.take().expect("checked above");
+            let (state, loaded) = (self.state.clone(), self.loaded.clone());
+            let (mut text, mut last) = (std::mem::take(&mut self.text), self.last);
+            rt.spawn(async move {
+                let completed = loop {
+                    match h.recv().await {
+                        Some(Event::Token { id, text: t, .. }) => {
+                            text.push_str(&t);
+                            last = Some(id);
+                        }
+                        Some(Event::Finished { reason, .. }) => {
+                            break matches!(reason, FinishReason::Stop | FinishReason::Length);
+                        }
+                        Some(Event::Admitted { .. } | Event::PromptLogprobs(_)) => {}
+                        None => break false,
                     }
-                    Event::Finished { reason, .. } => {
-                        completed = matches!(reason, FinishReason::Stop | FinishReason::Length);
-                    }
-                    Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
+                };
+                if completed {
+                    record(&state, &loaded, &turn, &text, last);
                 }
-            }
-            if completed {
-                self.record_turn();
-            }
+                release_session(&state, &turn.key);
+            });
         }
         // The client went away (or the handler returned early): dropping
         // the handle aborts the request; its blocks come back.

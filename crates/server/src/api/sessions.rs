@@ -129,6 +129,7 @@ pub(super) fn session_json(
         "created": s.created,
         "model": l.name,
         "tokens": info.map_or(0, |i| i.tokens),
+        "messages": s.history.len(),
         "pinned": info.is_some_and(|i| i.pinned),
         "busy": s.busy,
     })

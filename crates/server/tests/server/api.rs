@@ -628,3 +628,73 @@ fn echo_with_logprobs_scores_the_prompt_as_generation_saw_it() {
     );
     s.wait_idle();
 }
+
+/// A client that leaves a session turn at any point (before its first
+/// chunk, mid-answer, after its last token) leaves the session usable and
+/// its history in step with the engine: the conversation grew by the turn
+/// (two messages) exactly when the engine's session kept the turn.
+#[test]
+fn a_turn_whose_client_leaves_leaves_history_and_engine_in_step() {
+    let s = TestServer::tiny(&[]);
+    let id = s.post("/v1/sessions", &json!({})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let info = || {
+        let list = s.get("/v1/sessions").json();
+        let me = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == json!(id))
+            .unwrap()
+            .clone();
+        (
+            me["tokens"].as_u64().unwrap(),
+            me["messages"].as_u64().unwrap(),
+            me["busy"] == json!(true),
+        )
+    };
+    let mut kept = 0;
+    for round in 0..12u32 {
+        let (tokens, messages, _) = info();
+        let mut b = chat(&format!("turn {round}"), 2 + round % 3);
+        b["session"] = json!(id);
+        b["stream"] = json!(true);
+        let mut stream = s.open_stream("/v1/chat/completions", &b);
+        for _ in 0..round % 5 {
+            stream.next_data();
+        }
+        drop(stream);
+        // Bounded: the turn ends (aborted or completed) and frees the session.
+        let start = std::time::Instant::now();
+        let (t2, m2) = loop {
+            s.wait_idle();
+            let (t, m, busy) = info();
+            if !busy {
+                break (t, m);
+            }
+            assert!(start.elapsed().as_secs() < 10, "the session stayed busy");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        if t2 > tokens {
+            assert_eq!(
+                m2,
+                messages + 2,
+                "round {round}: the engine kept the turn, the history not"
+            );
+            kept += 1;
+        } else {
+            assert_eq!(
+                m2, messages,
+                "round {round}: the history kept a turn the engine did not"
+            );
+        }
+    }
+    // The session still continues.
+    let mut b = chat("and now?", 2);
+    b["session"] = json!(id);
+    let r = s.post("/v1/chat/completions", &b);
+    assert_eq!(r.status, 200, "{}", r.body);
+    eprintln!("{kept} of 12 turns completed before their clients left");
+}
