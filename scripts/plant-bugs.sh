@@ -65,7 +65,7 @@ plants=(
   "look up and pin before deciding to admit|crates/engine/src/scheduler/admission.rs|s/let peek = g\.peek_prefix\(&seq\)\?;/let peek = g.peek_prefix(\&seq)?;\n                drop(g.lookup_and_pin(OwnerTag(id.get()), \&seq)?);/"
   "score a recomputed prompt row twice|crates/engine/src/scheduler.rs|s/let from = start\.max\(s\.scored\);/let from = start;/"
   "score each row against its own token|crates/engine/src/scheduler.rs|s/targets: s\.tokens\[from \+ 1\.\.=to\]\.to_vec\(\)/targets: s.tokens[from..to].to_vec()/"
-  "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.score\.is_some\(\) => \{/None if false => {/"
+  "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.scoring\(\) => \{/None if false => {/"
   "admit by position after a paused request joined the line|crates/engine/src/scheduler.rs|s/            self\.waiting\.retain\(\|&w\| w != id\);/            self.waiting.remove(at);/"
   "paused requests never give way|crates/engine/src/scheduler/room.rs|s/s\.waits_for_reader\(\) && self\.plannable\(s\) && !in_step/false \&\& !in_step/"
 )

@@ -77,6 +77,11 @@ pub struct Request {
 /// answer (it resumes as the client reads, or ends at its deadline).
 pub const MAX_UNREAD: usize = 64;
 
+/// A request that gave way while paused for its client comes back once
+/// this few tokens are left unread (not at the first token read, or a
+/// client reading a token now and then would cost a resume per token).
+pub(crate) const RESUME_UNREAD: usize = MAX_UNREAD / 2;
+
 /// A request paused this long for its client (who read nothing meanwhile)
 /// ends with [`FinishReason::Timeout`]: a client that stops reading does
 /// not hold its running slot and its KV blocks until its deadline.

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::EngineConfig;
 use crate::executor::{Score, Step, StepResult, StepSeq};
 use crate::request::{
-    CANCELLED, Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestId, Usage,
+    CANCELLED, Event, FinishReason, MAX_PAUSE, MAX_UNREAD, RESUME_UNREAD, Request, RequestId, Usage,
 };
 use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
@@ -39,8 +39,8 @@ use crate::text::TextState;
 use admission::Admission;
 use room::Room;
 
-/// Rows a scored prompt computes per step: each returns a whole row of
-/// logits (128 rows of SmolLM2's 49,152 are 25 MB).
+/// Scored rows per step, all scored prompts together: each returns a
+/// whole row of logits (128 rows of SmolLM2's 49,152 are 25 MB).
 const SCORE_CHUNK: usize = 128;
 
 /// Scheduling limits.
@@ -140,6 +140,8 @@ enum Planned {
     NoBlocks(usize),
     /// It cannot continue.
     Failed(String),
+    /// Not in this step (the step's scored rows are taken).
+    Later,
 }
 
 struct Seq {
@@ -189,7 +191,22 @@ impl Seq {
     /// Whether its client has left [`MAX_UNREAD`] tokens unread: its next
     /// token waits until it reads.
     fn paused(&self) -> bool {
-        self.unread.load(std::sync::atomic::Ordering::Acquire) & !CANCELLED >= MAX_UNREAD
+        self.unread() >= MAX_UNREAD
+    }
+
+    fn unread(&self) -> usize {
+        self.unread.load(std::sync::atomic::Ordering::Acquire) & !CANCELLED
+    }
+
+    /// Whether, waiting, it waits for its client: it gave way while
+    /// paused and its client has not yet read down to [`RESUME_UNREAD`].
+    fn waits_to_resume(&self) -> bool {
+        self.unread() > RESUME_UNREAD
+    }
+
+    /// Whether it still has prompt positions to score.
+    fn scoring(&self) -> bool {
+        self.score.is_some() && self.scored + 1 < self.prompt_len
     }
 
     /// Whether its next row is a decode row held back for its client (a
@@ -233,6 +250,8 @@ pub(crate) struct Scheduler {
     handovers: Vec<turns::Handover>,
     /// Blocks promised by the last plan to rows that wait for them.
     promised: usize,
+    /// Scored rows the step being planned may still take.
+    score_rows: usize,
 }
 
 impl Scheduler {
@@ -271,6 +290,7 @@ impl Scheduler {
             sanitizer,
             handovers: Vec::new(),
             promised: 0,
+            score_rows: SCORE_CHUNK,
         }
     }
 
@@ -316,7 +336,13 @@ impl Scheduler {
 
     pub(crate) fn counters(&self) -> Counters {
         Counters {
-            waiting: self.waiting.len(),
+            // Not those that gave way while paused: they wait for their
+            // own clients, not in the queue `submit` bounds.
+            waiting: self
+                .waiting
+                .iter()
+                .filter(|id| !self.seqs[id].waits_to_resume())
+                .count(),
             running: self.running.len(),
             ..self.counters
         }
@@ -392,7 +418,9 @@ impl Scheduler {
 
     /// Whether a step could be planned now (without looking at blocks).
     pub(crate) fn has_work(&self) -> bool {
-        self.waiting.iter().any(|id| !self.seqs[id].paused())
+        self.waiting
+            .iter()
+            .any(|id| !self.seqs[id].waits_to_resume())
             || self.running.iter().any(|id| {
                 let s = &self.seqs[id];
                 self.plannable(s) && !s.waits_for_reader()
@@ -403,10 +431,11 @@ impl Scheduler {
     /// engine then polls (its client may read, its deadline may pass)
     /// instead of sleeping until a message.
     pub(crate) fn has_paused(&self) -> bool {
-        self.running
-            .iter()
-            .chain(&self.waiting)
-            .any(|id| self.seqs[id].paused())
+        self.running.iter().any(|id| self.seqs[id].paused())
+            || self
+                .waiting
+                .iter()
+                .any(|id| self.seqs[id].waits_to_resume())
     }
 
     /// Live requests (not finished).
@@ -525,6 +554,7 @@ impl Scheduler {
         }
         let mut room = Room::new(epoch, self.finishing_blocks(&g)?);
         let mut budget = self.config.max_step_tokens;
+        self.score_rows = SCORE_CHUNK;
         let mut seqs: Vec<StepSeq> = Vec::new();
         let preemptions_before = self.counters.preemptions;
         // Decode rows first (one token each), oldest first; then prefill.
@@ -551,6 +581,7 @@ impl Scheduler {
                         i += 1;
                     }
                     Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
+                    Planned::Later => i += 1,
                     Planned::NoBlocks(need) => {
                         let now = self.make_room(&mut g, &mut room, id, need, &seqs)?;
                         // Preemption may have moved it; if it waits this
@@ -569,10 +600,13 @@ impl Scheduler {
         while !pressed && budget > 0 {
             // A request paused for its client waits for it to read, out of
             // everyone's way (it gave way to be here).
-            let Some(at) = self.waiting.iter().position(|id| !self.seqs[id].paused()) else {
+            let Some(&id) = self
+                .waiting
+                .iter()
+                .find(|id| !self.seqs[id].waits_to_resume())
+            else {
                 break;
             };
-            let id = self.waiting[at];
             if self.running.len() >= self.config.max_running
                 && !self.give_way_for_slot(&mut g, &mut room, &seqs)?
             {
@@ -593,7 +627,7 @@ impl Scheduler {
                     seqs.push(*row);
                 }
                 Planned::Failed(e) => self.finish(id, FinishReason::Error(e)),
-                Planned::NoBlocks(_) => {}
+                Planned::NoBlocks(_) | Planned::Later => {}
             }
         }
         self.promised = room.promised();
@@ -642,12 +676,21 @@ impl Scheduler {
         let s = self.seqs.get_mut(&id).expect("running requests exist");
         let lease = s.lease.as_ref().expect("running requests hold a lease");
         let pending = s.computed == s.tokens.len();
-        let scoring = s.score.is_some() && s.computed + 1 < s.prompt_len;
+        let scoring = s.scoring() && s.computed + 1 < s.prompt_len;
+        if scoring && self.score_rows == 0 {
+            // This step returns all the logits it may.
+            return Ok(Planned::Later);
+        }
         let n = if pending {
             1
         } else if scoring {
-            // Each scored row returns a whole row of logits: bounded.
-            (s.tokens.len() - s.computed).min(budget).min(SCORE_CHUNK)
+            // Each scored row returns a whole row of logits: bounded, per
+            // step (all scored rows together).
+            let n = (s.tokens.len() - s.computed)
+                .min(budget)
+                .min(self.score_rows);
+            self.score_rows -= n;
+            n
         } else {
             (s.tokens.len() - s.computed).min(budget)
         };

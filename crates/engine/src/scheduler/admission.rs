@@ -102,8 +102,9 @@ impl Scheduler {
                 }
                 (lease, b, t)
             }
-            // A scored prompt computes every row: it takes no hits.
-            None if s.score.is_some() => {
+            // A prompt still to score computes every row: it takes no hits
+            // (once scored, as after a preemption, it takes them again).
+            None if s.scoring() => {
                 if !self.room_for_admission(g, room, blocks + reserve, &[])? {
                     return Ok(Admission::Wait);
                 }

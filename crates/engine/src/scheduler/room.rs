@@ -179,8 +179,9 @@ impl Scheduler {
     }
 
     /// Whether an admission can take `want` blocks now, unpinning idle
-    /// sessions (only as many as it takes) if even the blocks coming back
-    /// next step would not be enough. It never preempts. `keep`: blocks the
+    /// sessions and preempting requests paused for their clients (only as
+    /// many as it takes) if even the blocks coming back next step would not
+    /// be enough. It never preempts a request whose client reads. `keep`: blocks the
     /// admission will pin (a session's blocks among them free nothing).
     pub(super) fn room_for_admission(
         &mut self,

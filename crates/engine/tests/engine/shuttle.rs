@@ -66,7 +66,7 @@ fn check(context: &[TokenId], events: &[Event]) -> Option<FinishReason> {
                 history.push(*id);
             }
             Event::Finished { reason, .. } => return Some(reason.clone()),
-            Event::Admitted { .. } => {}
+            Event::Admitted { .. } | Event::PromptLogprobs(_) => {}
         }
     }
     None

@@ -167,6 +167,13 @@ pub(super) async fn completions(
     if req.echo && logprobs.is_some() && req.common.session.is_some() {
         return Err(strata_engine::EngineError::ScoredTurn.into());
     }
+    if prompt_only && req.common.session.is_some() {
+        // The engine's one sampled token would stay in the session.
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1 for a session's turn",
+        ));
+    }
     let turn = match &req.common.session {
         None => None,
         Some(key) => {

@@ -295,7 +295,14 @@ fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // The path of the field at fault becomes the error's `param`, as
     // OpenAI names it; a wrong type or a missing field is a 400, as there.
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let parsed = serde_path_to_error::deserialize(&mut *de);
+    // Nothing but whitespace may follow the object.
+    if parsed.is_ok()
+        && let Err(e) = de.end()
+    {
+        return Err(ApiError::bad_request(format!("malformed JSON: {e}")));
+    }
+    parsed.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let text = inner.to_string();

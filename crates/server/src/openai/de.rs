@@ -339,7 +339,12 @@ impl<'de> Visitor<'de> for PromptVisitor {
         Ok(Prompt::Text(v))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
-        let mixed = || A::Error::custom("a prompt list must hold one kind of item");
+        // A wrong item names the rule too (its own error says what it was).
+        let mixed = |e: A::Error| {
+            A::Error::custom(format!(
+                "{e} (a prompt list holds one kind of item: ids, strings or id lists)"
+            ))
+        };
         let mut out = match seq.next_element::<PromptItem>()? {
             None => return Ok(Prompt::Tokens(Vec::new())),
             Some(PromptItem::Id(t)) => Prompt::Tokens(vec![t]),
@@ -349,17 +354,17 @@ impl<'de> Visitor<'de> for PromptVisitor {
         // The rest are read as the first one's kind.
         match &mut out {
             Prompt::Tokens(v) => {
-                while let Some(t) = seq.next_element::<i64>().map_err(|_| mixed())? {
+                while let Some(t) = seq.next_element::<i64>().map_err(mixed)? {
                     v.push(t);
                 }
             }
             Prompt::Texts(v) => {
-                while let Some(s) = seq.next_element::<String>().map_err(|_| mixed())? {
+                while let Some(s) = seq.next_element::<String>().map_err(mixed)? {
                     v.push(s);
                 }
             }
             Prompt::TokenLists(v) => {
-                while let Some(l) = seq.next_element::<Vec<i64>>().map_err(|_| mixed())? {
+                while let Some(l) = seq.next_element::<Vec<i64>>().map_err(mixed)? {
                     v.push(l);
                 }
             }

@@ -31,6 +31,24 @@ fn bad_inputs_get_their_status_and_error_type() {
             "invalid_request_error",
         ),
         (
+            "bytes after the JSON object",
+            "/v1/chat/completions",
+            "application/json",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]} {\"more\": 1}".to_vec(),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "max_tokens 0 with echo in a session",
+            "/v1/completions",
+            "application/json",
+            json!({"prompt": "hi", "echo": true, "max_tokens": 0, "session": "sess-any"})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_request_error",
+        ),
+        (
             "invalid UTF-8",
             "/v1/chat/completions",
             "application/json",
