@@ -347,3 +347,51 @@ fn an_abort_that_keeps_the_handle_tells_how_the_request_ended() {
     e.destroy_session(&sid).unwrap();
     assert_whole(&e);
 }
+
+/// A scored prompt preempted halfway through its prefill (an older request
+/// grows into its blocks) is recomputed from the start, but each position
+/// is scored once: the scores still equal one pass over the prompt.
+#[test]
+fn a_scored_prompt_preempted_mid_prefill_is_scored_once() {
+    let m = model(7);
+    let e = engine(
+        &m,
+        Setup {
+            blocks: 30,
+            step_tokens: 4,
+            ..Setup::default()
+        },
+    );
+    let older = e.submit(greedy(prompt(0, 56, 8), 56)).unwrap();
+    let p = prompt(0, 52, 9);
+    let mut scored = greedy(p.clone(), 2);
+    scored.prompt_logprobs = Some(1);
+    let mut h = e.submit(scored).unwrap();
+    let out = outcome(h.collect_blocking());
+    let mut older = older;
+    outcome(older.collect_blocking());
+    assert!(e.stats().counters.preemptions > 0, "never preempted");
+    assert_eq!(out.scores.len(), p.len() - 1, "each position scored once");
+    let bs = 4;
+    let blocks = p.len().div_ceil(bs);
+    let mut arena = strata_store::Arena::new(m.arena_layout(blocks, bs)).unwrap();
+    let table: Vec<strata_kv::BlockId> = (0..blocks as u32).map(strata_kv::BlockId::new).collect();
+    let all = m
+        .forward(
+            &mut arena,
+            &[strata_model::SeqInput {
+                tokens: &p,
+                start: 0,
+                block_table: &table,
+                logits: strata_model::Logits::All,
+            }],
+        )
+        .unwrap()
+        .remove(0);
+    let vocab = m.config().vocab;
+    for (i, s) in out.scores.iter().enumerate() {
+        let want = strata_model::score(&all[i * vocab..(i + 1) * vocab], p[i + 1], 1);
+        assert_eq!(s, &want, "score of prompt token {}", i + 1);
+    }
+    assert_whole(&e);
+}
