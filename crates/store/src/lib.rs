@@ -11,6 +11,7 @@
 //! `kv`'s business; this crate moves bytes.
 
 mod arena;
+pub mod ssd;
 
 pub use arena::{Arena, ArenaError, ArenaLayout};
 pub use strata_kv::{BlockId, TokenId};

@@ -1,0 +1,445 @@
+//! The SSD tier: a bounded directory of block records that survives
+//! restarts (format and rationale: `docs/ssd-format.md`).
+//!
+//! A record is a file holding a run of consecutive blocks of one chain. It
+//! is written under a temporary name and renamed into place only once the
+//! write succeeded, so a record is visible (indexed, or found by recovery)
+//! only when complete. On open, recovery rebuilds the index and the byte
+//! accounting from the records' checksummed headers and removes what is
+//! temporary, corrupt, cut short or made for another model. On read, the
+//! block's checksum and its exact key (parent hash and tokens) are checked;
+//! a mismatch removes the record and is a miss. No I/O error is fatal: it
+//! is a miss, or a record not written, counted in [`SsdStats`].
+//!
+//! This type does no policy: what to write and what to restore is `kv`'s
+//! and the engine's choice. It holds no lock of its own; its owner (the
+//! engine's I/O thread) calls it from one thread.
+
+mod io;
+mod record;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use strata_kv::{BlockHash, TokenId};
+
+pub use io::{Io, RealIo};
+pub use record::{BlockKey, Header, MAGIC, RecordError, VERSION, decode_header, encode};
+
+/// Why the SSD tier cannot open its directory.
+#[derive(Debug, thiserror::Error)]
+pub enum SsdError {
+    /// Another process holds the directory.
+    #[error("{0} is in use by another Strata server (its LOCK file is held)")]
+    Locked(PathBuf),
+    /// The directory cannot be made, locked or listed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The path at fault.
+        path: PathBuf,
+        /// What failed.
+        error: std::io::Error,
+    },
+}
+
+/// How the SSD tier is set up.
+#[derive(Debug, Clone)]
+pub struct SsdConfig {
+    /// The directory (its `records/` holds the records).
+    pub dir: PathBuf,
+    /// The most bytes its records may take.
+    pub capacity: u64,
+    /// The model and KV layout its blocks belong to.
+    pub fingerprint: Vec<u8>,
+    /// Sync each record's data before it becomes visible (durability is
+    /// not required: off, a crash loses recent records, never integrity).
+    pub sync: bool,
+}
+
+/// What recovery found on open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records kept.
+    pub records: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Temporary files of writes that never finished.
+    pub temporary_removed: usize,
+    /// Records cut short, corrupt, or of an unknown version.
+    pub corrupt_removed: usize,
+    /// Records of another model or KV layout.
+    pub foreign_removed: usize,
+    /// Records evicted because the capacity is now smaller.
+    pub evicted: usize,
+}
+
+/// Counters since open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SsdStats {
+    /// Records held.
+    pub records: usize,
+    /// Blocks they hold.
+    pub blocks: usize,
+    /// Bytes they take.
+    pub bytes: u64,
+    /// Blocks served.
+    pub hits: u64,
+    /// Blocks asked for and not served (absent, another key, or unreadable).
+    pub misses: u64,
+    /// Records written.
+    pub written: u64,
+    /// Records that failed to write (never visible).
+    pub write_failures: u64,
+    /// Reads that failed (their record is dropped).
+    pub read_failures: u64,
+    /// Records dropped because a block failed its checksum.
+    pub corrupt_dropped: u64,
+    /// Records evicted to stay within capacity.
+    pub evictions: u64,
+}
+
+struct Rec {
+    path: PathBuf,
+    bytes: u64,
+    header: Header,
+    last_used: u64,
+}
+
+/// The SSD tier's directory.
+pub struct SsdStore {
+    io: Arc<dyn Io>,
+    records_dir: PathBuf,
+    config: SsdConfig,
+    recs: HashMap<u64, Rec>,
+    /// Each block's record and position in it.
+    by_block: HashMap<BlockHash, (u64, usize)>,
+    used: u64,
+    clock: u64,
+    next_id: u64,
+    stats: SsdStats,
+    /// Held while the store lives: one server per directory.
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for SsdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SsdStore")
+            .field("dir", &self.config.dir)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl SsdStore {
+    /// Opens (creating) `config.dir`, takes its lock and recovers.
+    pub fn open(config: SsdConfig, io: Arc<dyn Io>) -> Result<(Self, Recovery), SsdError> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |error| SsdError::Io { path, error }
+        };
+        let records_dir = config.dir.join("records");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&records_dir)
+                .map_err(err(&records_dir))?;
+        }
+        let lock_path = config.dir.join("LOCK");
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(err(&lock_path))?
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SsdError::Locked(config.dir.clone()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path)(e)),
+        }
+        let mut s = Self {
+            io,
+            records_dir,
+            config,
+            recs: HashMap::new(),
+            by_block: HashMap::new(),
+            used: 0,
+            clock: 0,
+            next_id: 0,
+            stats: SsdStats::default(),
+            _lock: lock,
+        };
+        let recovery = s.recover().map_err(err(&s.records_dir.clone()))?;
+        Ok((s, recovery))
+    }
+
+    fn recover(&mut self) -> std::io::Result<Recovery> {
+        let mut r = Recovery::default();
+        for (path, size) in self.io.list(&self.records_dir)? {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let id = name
+                .strip_suffix(".rec")
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            let Some(id) = id else {
+                // A temporary file (a write that never finished), or
+                // something that is not ours to keep in our directory.
+                let _ = self.io.remove(&path);
+                r.temporary_removed += 1;
+                continue;
+            };
+            self.next_id = self.next_id.max(id + 1);
+            match self.read_header(&path, size) {
+                Ok(header) => {
+                    self.index(id, path, size, header);
+                    r.records += 1;
+                    r.bytes += size;
+                }
+                Err(RecordError::OtherModel) => {
+                    let _ = self.io.remove(&path);
+                    r.foreign_removed += 1;
+                }
+                Err(_) => {
+                    let _ = self.io.remove(&path);
+                    r.corrupt_removed += 1;
+                }
+            }
+        }
+        while self.used > self.config.capacity {
+            self.evict_one();
+            r.evicted += 1;
+        }
+        r.records -= r.evicted;
+        r.bytes = self.used;
+        Ok(r)
+    }
+
+    /// Reads and checks the header of the record at `path` of `size` bytes.
+    fn read_header(&self, path: &Path, size: u64) -> Result<Header, RecordError> {
+        let io_err = |e: std::io::Error| RecordError::Malformed(e.to_string());
+        let start = self.io.read_at(path, 0, 16).map_err(io_err)?;
+        let len = record::header_len(&start)?;
+        let bytes = self.io.read_at(path, 0, len).map_err(io_err)?;
+        let header = decode_header(&bytes, &self.config.fingerprint)?;
+        if header.record_len() as u64 != size {
+            return Err(RecordError::Malformed(format!(
+                "{size} bytes where the header says {}",
+                header.record_len()
+            )));
+        }
+        Ok(header)
+    }
+
+    fn index(&mut self, id: u64, path: PathBuf, bytes: u64, header: Header) {
+        for (i, b) in header.blocks.iter().enumerate() {
+            // A block in two records (written twice across restarts): the
+            // later record serves it.
+            self.by_block.insert(b.hash, (id, i));
+        }
+        self.used += bytes;
+        self.clock += 1;
+        self.recs.insert(
+            id,
+            Rec {
+                path,
+                bytes,
+                header,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// Removes record `id` from the index and the disk.
+    fn drop_record(&mut self, id: u64) {
+        let Some(rec) = self.recs.remove(&id) else {
+            return;
+        };
+        for (i, b) in rec.header.blocks.iter().enumerate() {
+            if self.by_block.get(&b.hash) == Some(&(id, i)) {
+                self.by_block.remove(&b.hash);
+                // An older record may hold the block too: it serves again.
+                if let Some((&oid, j)) = self.recs.iter().find_map(|(oid, r)| {
+                    r.header
+                        .blocks
+                        .iter()
+                        .position(|x| x.hash == b.hash)
+                        .map(|j| (oid, j))
+                }) {
+                    self.by_block.insert(b.hash, (oid, j));
+                }
+            }
+        }
+        self.used -= rec.bytes;
+        let _ = self.io.remove(&rec.path);
+    }
+
+    fn evict_one(&mut self) {
+        let coldest = self
+            .recs
+            .iter()
+            .min_by_key(|(id, r)| (r.last_used, **id))
+            .map(|(&id, _)| id);
+        if let Some(id) = coldest {
+            self.drop_record(id);
+            self.stats.evictions += 1;
+        }
+    }
+
+    /// Writes a record of `blocks` (consecutive, after `parent`) with
+    /// `payloads`, evicting the coldest records to make room. `Ok(false)`:
+    /// not written (larger than the whole capacity, or empty). An error is
+    /// a record not written (never a visible one), and is counted.
+    pub fn put(
+        &mut self,
+        parent: BlockHash,
+        blocks: &[BlockKey],
+        payloads: &[&[u8]],
+    ) -> std::io::Result<bool> {
+        if blocks.is_empty() {
+            return Ok(false);
+        }
+        let tokens = blocks[0].tokens.len();
+        let bytes = encode(&self.config.fingerprint, parent, tokens, blocks, payloads);
+        let len = bytes.len() as u64;
+        if len > self.config.capacity {
+            return Ok(false);
+        }
+        while self.used + len > self.config.capacity {
+            self.evict_one();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let tmp = self.records_dir.join(format!("{id:016x}.tmp"));
+        let path = self.records_dir.join(format!("{id:016x}.rec"));
+        let written = self
+            .io
+            .write_new(&tmp, &bytes, self.config.sync)
+            .and_then(|()| self.io.rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = self.io.remove(&tmp);
+            self.stats.write_failures += 1;
+            return Err(e);
+        }
+        let header = decode_header(&bytes, &self.config.fingerprint)
+            .expect("a record this build just encoded decodes");
+        self.index(id, path, len, header);
+        self.stats.written += 1;
+        Ok(true)
+    }
+
+    /// Whether the tier holds `hash` (a look, not a hit).
+    pub fn contains(&self, hash: BlockHash) -> bool {
+        self.by_block.contains_key(&hash)
+    }
+
+    /// The payload of block `hash` if the tier holds it under exactly this
+    /// key (`parent` before it, `tokens` in it) and its bytes verify; a
+    /// corrupt or unreadable record is removed and is a miss.
+    pub fn get(
+        &mut self,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[TokenId],
+    ) -> Option<Vec<u8>> {
+        let Some(&(id, i)) = self.by_block.get(&hash) else {
+            self.stats.misses += 1;
+            return None;
+        };
+        let rec = &self.recs[&id];
+        let h = &rec.header;
+        let key_parent = if i == 0 {
+            h.parent
+        } else {
+            h.blocks[i - 1].hash
+        };
+        if key_parent != parent || h.blocks[i].tokens != tokens {
+            // Another chain's block under this hash: not ours to serve.
+            self.stats.misses += 1;
+            return None;
+        }
+        let range = h.block_range(i);
+        let read = self.io.read_at(&rec.path, range.start as u64, range.len());
+        let verified = match read {
+            Ok(bytes) => h.verify_block(i, &bytes).map(|()| bytes).map_err(|_| true),
+            Err(_) => Err(false),
+        };
+        match verified {
+            Ok(bytes) => {
+                self.clock += 1;
+                let clock = self.clock;
+                if let Some(r) = self.recs.get_mut(&id) {
+                    r.last_used = clock;
+                }
+                self.stats.hits += 1;
+                Some(bytes)
+            }
+            Err(corrupt) => {
+                if corrupt {
+                    self.stats.corrupt_dropped += 1;
+                } else {
+                    self.stats.read_failures += 1;
+                }
+                self.drop_record(id);
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Counters, with the current occupancy.
+    pub fn stats(&self) -> SsdStats {
+        SsdStats {
+            records: self.recs.len(),
+            blocks: self.by_block.len(),
+            bytes: self.used,
+            ..self.stats
+        }
+    }
+
+    /// The directory's byte bound.
+    pub fn capacity(&self) -> u64 {
+        self.config.capacity
+    }
+
+    /// Checks the index against itself and the bound (tests call it after
+    /// every mutation).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let sum: u64 = self.recs.values().map(|r| r.bytes).sum();
+        if sum != self.used {
+            return Err(format!("used {} but records hold {sum}", self.used));
+        }
+        if self.used > self.config.capacity {
+            return Err(format!(
+                "used {} past capacity {}",
+                self.used, self.config.capacity
+            ));
+        }
+        for (hash, &(id, i)) in &self.by_block {
+            let rec = self
+                .recs
+                .get(&id)
+                .ok_or(format!("{hash:?} names a missing record"))?;
+            if rec.header.blocks.get(i).map(|b| b.hash) != Some(*hash) {
+                return Err(format!("{hash:?} names the wrong block of record {id}"));
+            }
+        }
+        for (id, r) in &self.recs {
+            if r.header.record_len() as u64 != r.bytes {
+                return Err(format!("record {id}: length disagrees with its header"));
+            }
+            for b in &r.header.blocks {
+                if !self.by_block.contains_key(&b.hash) {
+                    return Err(format!("record {id}: {:?} not indexed", b.hash));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! `strata-store`'s integration tests (one binary).
+
+#![allow(clippy::unwrap_used)]
+
+mod ssd;

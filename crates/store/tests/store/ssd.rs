@@ -1,0 +1,349 @@
+//! The SSD tier on a real directory and through an I/O layer that fails on
+//! command: restart, exact keys, corruption, torn writes, bounds, the lock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use strata_kv::{BlockHash, TokenId};
+use strata_store::ssd::{BlockKey, Io, RealIo, SsdConfig, SsdError, SsdStore};
+
+const FP: &[u8] = b"test-model;kv=f16;block-size=4";
+const BLOCK: usize = 256;
+
+/// A fresh directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "strata-ssd-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &Path, capacity: u64) -> SsdConfig {
+    SsdConfig {
+        dir: dir.to_path_buf(),
+        capacity,
+        fingerprint: FP.to_vec(),
+        sync: false,
+    }
+}
+
+fn open(dir: &Path, capacity: u64) -> SsdStore {
+    let (s, _) = SsdStore::open(config(dir, capacity), Arc::new(RealIo)).unwrap();
+    s.check_invariants().unwrap();
+    s
+}
+
+/// Chain `c`'s block `i`: a hash, its tokens, its parent, its payload.
+fn block(c: u32, i: u32) -> (BlockKey, BlockHash, Vec<u8>) {
+    let hash = |i: u32| BlockHash::from_bits(((c as u128) << 64) | (i as u128 + 1));
+    let parent = if i == 0 {
+        BlockHash::from_bits(c as u128)
+    } else {
+        hash(i - 1)
+    };
+    let tokens = (0..4).map(|k| TokenId::new(c * 1000 + i * 4 + k)).collect();
+    let payload = (0..BLOCK)
+        .map(|k| (c as usize * 31 + i as usize * 7 + k) as u8)
+        .collect();
+    (
+        BlockKey {
+            hash: hash(i),
+            tokens,
+        },
+        parent,
+        payload,
+    )
+}
+
+/// Writes blocks `from..to` of chain `c` as one record.
+fn put(s: &mut SsdStore, c: u32, from: u32, to: u32) -> std::io::Result<bool> {
+    let blocks: Vec<_> = (from..to).map(|i| block(c, i)).collect();
+    let keys: Vec<BlockKey> = blocks.iter().map(|b| b.0.clone()).collect();
+    let payloads: Vec<&[u8]> = blocks.iter().map(|b| &b.2[..]).collect();
+    let r = s.put(blocks[0].1, &keys, &payloads);
+    s.check_invariants().unwrap();
+    r
+}
+
+/// What the tier serves for chain `c`'s block `i`: exactly its payload,
+/// or nothing.
+fn get(s: &mut SsdStore, c: u32, i: u32) -> Option<Vec<u8>> {
+    let (key, parent, payload) = block(c, i);
+    let got = s.get(key.hash, parent, &key.tokens);
+    s.check_invariants().unwrap();
+    if let Some(g) = &got {
+        assert_eq!(g, &payload, "chain {c} block {i} served other bytes");
+    }
+    got
+}
+
+fn record_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("records"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn records_survive_a_restart_with_their_index_and_byte_accounting() {
+    let d = TempDir::new("restart");
+    let mut s = open(&d.0, 1 << 20);
+    assert!(put(&mut s, 1, 0, 3).unwrap());
+    assert!(put(&mut s, 2, 0, 1).unwrap());
+    let before = s.stats();
+    drop(s);
+    let (mut s, rec) = SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo)).unwrap();
+    assert_eq!((rec.records, rec.bytes), (2, before.bytes));
+    assert_eq!(
+        s.stats().bytes,
+        before.bytes,
+        "the accounting starts where it was"
+    );
+    for i in 0..3 {
+        assert!(get(&mut s, 1, i).is_some(), "block {i}");
+    }
+    assert!(get(&mut s, 2, 0).is_some());
+    assert!(get(&mut s, 3, 0).is_none());
+    // Files are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for f in record_files(&d.0) {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
+
+#[test]
+fn only_the_exact_key_and_model_hit() {
+    let d = TempDir::new("key");
+    let mut s = open(&d.0, 1 << 20);
+    put(&mut s, 1, 0, 2).unwrap();
+    let (key, parent, _) = block(1, 1);
+    let mut other = key.tokens.clone();
+    other[3] = TokenId::new(9);
+    assert!(
+        s.get(key.hash, parent, &other).is_none(),
+        "other tokens under the hash"
+    );
+    assert!(
+        s.get(key.hash, BlockHash::from_bits(77), &key.tokens)
+            .is_none(),
+        "another parent"
+    );
+    assert!(get(&mut s, 1, 1).is_some());
+    drop(s);
+    // Another model (or KV layout, or block size): its records never hit,
+    // and are removed.
+    let mut c = config(&d.0, 1 << 20);
+    c.fingerprint = b"another-model".to_vec();
+    let (mut s, rec) = SsdStore::open(c, Arc::new(RealIo)).unwrap();
+    assert_eq!((rec.records, rec.foreign_removed), (0, 1));
+    assert!(get(&mut s, 1, 0).is_none());
+}
+
+#[test]
+fn corrupt_cut_and_temporary_files_are_never_served_and_are_removed() {
+    let d = TempDir::new("corrupt");
+    let mut s = open(&d.0, 1 << 20);
+    for c in 0..5 {
+        put(&mut s, c, 0, 2).unwrap();
+    }
+    drop(s);
+    let files = record_files(&d.0);
+    let bytes = |f: &PathBuf| std::fs::read(f).unwrap();
+    // 0: a bit flipped in a payload (found on read); 1: a bit flipped in
+    // the header; 2: cut short; 3: its tail zero-filled (same length).
+    let mut b = bytes(&files[0]);
+    let n = b.len();
+    b[n - 10] ^= 0x04;
+    std::fs::write(&files[0], &b).unwrap();
+    let mut b = bytes(&files[1]);
+    b[40] ^= 0x01;
+    std::fs::write(&files[1], &b).unwrap();
+    let b = bytes(&files[2]);
+    std::fs::write(&files[2], &b[..b.len() - 100]).unwrap();
+    let mut b = bytes(&files[3]);
+    let n = b.len();
+    b[n - BLOCK / 2..].fill(0);
+    std::fs::write(&files[3], &b).unwrap();
+    std::fs::write(d.0.join("records/00000000000000ff.tmp"), b"half a record").unwrap();
+    let (mut s, rec) = SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo)).unwrap();
+    assert_eq!(
+        (rec.corrupt_removed, rec.temporary_removed),
+        (2, 1),
+        "{rec:?}"
+    );
+    assert_eq!(rec.records, 3);
+    // The payload flip and the zero-filled tail are found on read: a miss,
+    // the record dropped and counted.
+    assert!(get(&mut s, 0, 1).is_none());
+    assert!(get(&mut s, 3, 1).is_none());
+    assert_eq!(s.stats().corrupt_dropped, 2);
+    assert!(get(&mut s, 4, 0).is_some() && get(&mut s, 4, 1).is_some());
+    for c in 0..4 {
+        for i in 0..2 {
+            assert!(get(&mut s, c, i).is_none(), "chain {c} block {i}");
+        }
+    }
+    assert_eq!(record_files(&d.0).len(), 1, "only the sound record is left");
+}
+
+#[test]
+fn the_directory_stays_within_its_bytes_evicting_the_coldest() {
+    let d = TempDir::new("bound");
+    // Room for three two-block records.
+    let one = {
+        let t = TempDir::new("size");
+        let mut s = open(&t.0, 1 << 20);
+        put(&mut s, 0, 0, 2).unwrap();
+        s.stats().bytes
+    };
+    let mut s = open(&d.0, 3 * one + one / 2);
+    for c in 0..3 {
+        put(&mut s, c, 0, 2).unwrap();
+    }
+    assert!(get(&mut s, 0, 0).is_some()); // chain 0 is now the warmest
+    put(&mut s, 3, 0, 2).unwrap(); // evicts chain 1, the coldest
+    assert!(s.stats().bytes <= s.capacity());
+    assert!(get(&mut s, 1, 0).is_none());
+    assert!(get(&mut s, 0, 0).is_some() && get(&mut s, 2, 0).is_some());
+    assert_eq!(s.stats().evictions, 1);
+    // Larger than the whole capacity: not written.
+    assert!(!put(&mut s, 9, 0, 8).unwrap());
+    drop(s);
+    // Reopened smaller, recovery evicts down to the new bound.
+    let (s, rec) = SsdStore::open(config(&d.0, one + one / 2), Arc::new(RealIo)).unwrap();
+    assert_eq!(rec.evicted, 2);
+    assert!(s.stats().bytes <= one + one / 2);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_second_server_on_the_directory_is_refused() {
+    let d = TempDir::new("lock");
+    let s = open(&d.0, 1 << 20);
+    match SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo)) {
+        Err(SsdError::Locked(p)) => assert_eq!(p, d.0),
+        other => panic!("{other:?}"),
+    }
+    drop(s);
+    open(&d.0, 1 << 20);
+}
+
+/// The real file system, failing the `n`-th operation (0-based) of the
+/// kinds it counts.
+struct FailAt {
+    n: usize,
+    count: AtomicUsize,
+    /// The failure has been injected.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl FailAt {
+    fn tick(&self) -> std::io::Result<()> {
+        if self.count.fetch_add(1, Ordering::Relaxed) == self.n {
+            self.failed.store(true, Ordering::Relaxed);
+            Err(std::io::Error::other("injected failure"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Io for FailAt {
+    fn write_new(&self, path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+        self.tick()?;
+        if self.count.load(Ordering::Relaxed) == self.n + 1 && bytes.len() > 64 {
+            // Half the record reached the disk before the failure.
+            return RealIo
+                .write_new(path, &bytes[..bytes.len() / 2], sync)
+                .and(Err(std::io::Error::other(
+                    "injected failure after a partial write",
+                )));
+        }
+        RealIo.write_new(path, bytes, sync)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.tick()?;
+        RealIo.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        RealIo.remove(path)
+    }
+    fn read_at(&self, path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.tick()?;
+        RealIo.read_at(path, at, len)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+        RealIo.list(dir)
+    }
+}
+
+/// A workload run with its `n`-th write, rename or read failing, for
+/// every `n`: the failed record is never visible, every block served
+/// during or after (reopened on the real file system) is exactly what was
+/// written or a miss, and no temporary file survives recovery.
+#[test]
+fn a_failure_at_any_write_rename_or_read_never_serves_bad_bytes() {
+    for n in 0..40 {
+        let d = TempDir::new("fail");
+        let io = Arc::new(FailAt {
+            n,
+            count: AtomicUsize::new(0),
+            failed: Default::default(),
+        });
+        let (mut s, _) = SsdStore::open(config(&d.0, 1 << 20), io.clone()).unwrap();
+        let mut written = Vec::new();
+        for c in 0..6 {
+            let before = io.failed.load(Ordering::Relaxed);
+            let r = put(&mut s, c, 0, 2);
+            let failed_now = !before && io.failed.load(Ordering::Relaxed);
+            let visible = s.contains(block(c, 0).0.hash);
+            if failed_now {
+                // This record's write or rename failed: it is not visible,
+                // and put said so.
+                assert!(!visible, "n={n}: a failed write is visible");
+                assert!(r.is_err(), "n={n}: a failed write reported as written");
+            } else {
+                assert!(r.unwrap(), "n={n}: room for all");
+            }
+            if visible {
+                written.push(c);
+            }
+            for &w in &written {
+                get(&mut s, w, 0); // checked inside: exact or a miss
+            }
+        }
+        drop(s);
+        let (mut s, rec) = SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo)).unwrap();
+        assert_eq!(rec.corrupt_removed, 0, "n={n}: {rec:?}");
+        for c in 0..6 {
+            for i in 0..2 {
+                get(&mut s, c, i);
+            }
+        }
+        let tmp = record_files(&d.0)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "tmp"))
+            .count();
+        assert_eq!(tmp, 0, "n={n}: a temporary file survived recovery");
+    }
+}
