@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Shows that the tests bite: plants known bugs in crates/kv and
-# crates/engine, one at a time, runs that crate's tests (its unit tests and
+# Shows that the tests bite: plants known bugs in crates/kv,
+# crates/engine and crates/store, one at a time, runs that crate's tests (its unit tests and
 # its one integration binary) against each, and reports which tests caught
 # it. Every plant must be caught. Restores the sources afterwards (even on
 # Ctrl-C). Run from anywhere:
@@ -21,6 +21,8 @@ files=(
   crates/engine/src/scheduler/admission.rs
   crates/engine/src/scheduler/room.rs
   crates/engine/src/scheduler/turns.rs
+  crates/store/src/ssd/mod.rs
+  crates/store/src/ssd/record.rs
 )
 backup=$(mktemp -d)
 for f in "${files[@]}"; do
@@ -68,6 +70,11 @@ plants=(
   "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.scoring\(\) => \{/None if false => {/"
   "admit by position after a paused request joined the line|crates/engine/src/scheduler.rs|s/            self\.waiting\.retain\(\|&w\| w != id\);/            self.waiting.remove(at);/"
   "paused requests never give way|crates/engine/src/scheduler/room.rs|s/s\.waits_for_reader\(\) && self\.plannable\(s\) && !in_step/false \&\& !in_step/"
+  # The SSD tier.
+  "serve a block without checking its payload|crates/store/src/ssd/record.rs|s/        if blake3::hash\(payload\)\.as_bytes\(\) != &self\.sums\[i\] \{/        if false {/"
+  "index a record whose write failed|crates/store/src/ssd/mod.rs|s/            let _ = self\.io\.remove\(&tmp\);\n            self\.stats\.write_failures \+= 1;\n            return Err\(e\);/            let _ = e;\n            self.stats.write_failures += 1;/"
+  "keep temporary files at recovery|crates/store/src/ssd/mod.rs|s/                let _ = self\.io\.remove\(&path\);\n                r\.temporary_removed \+= 1;\n                continue;/                r.temporary_removed += 1;\n                continue;/"
+  "serve another key under the hash|crates/store/src/ssd/mod.rs|s/if key_parent != parent \|\| h\.blocks\[i\]\.tokens != tokens \{/if false {/"
 )
 
 status=0
