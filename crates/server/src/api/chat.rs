@@ -35,6 +35,13 @@ pub(super) async fn chat(
     let template = l.template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
+    if req.messages_given > req.messages.len() {
+        return Err(ApiError::context_exceeded(format!(
+            "{} messages cannot fit this model's maximum context length of {} tokens",
+            req.messages_given,
+            l.engine.context()
+        )));
+    }
     let messages = template_messages(&l, template, &req.messages)?;
     if state.args.log_text {
         tracing::info!(messages = ?messages, "chat request text");

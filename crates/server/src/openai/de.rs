@@ -16,7 +16,7 @@ use serde::de::{
 };
 use serde_json::Value;
 
-use super::{MAX_STOPS, Prompt, Stop};
+use super::{Content, MAX_STOPS, Part, Prompt, Stop};
 
 /// A type read from a JSON object key by key.
 pub(crate) trait Fields: Default {
@@ -105,6 +105,48 @@ pub(crate) struct CappedMap<T, const N: usize>(pub(crate) Option<Vec<(String, T)
 impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for CappedMap<T, N> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         capped_map::<D, T, N>(d).map(CappedMap)
+    }
+}
+
+/// A list whose first `N` items are kept and the rest only counted
+/// (`null`: none).
+pub(crate) struct Counted<T, const N: usize> {
+    pub(crate) kept: Vec<T>,
+    pub(crate) given: usize,
+}
+
+impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for Counted<T, N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T, const N: usize>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for V<T, N> {
+            type Value = Counted<T, N>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list, or null")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Counted {
+                    kept: Vec::new(),
+                    given: 0,
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut kept = Vec::new();
+                let mut given = 0;
+                loop {
+                    let more = if kept.len() < N {
+                        seq.next_element::<T>()?.map(|x| kept.push(x)).is_some()
+                    } else {
+                        seq.next_element::<IgnoredAny>()?.is_some()
+                    };
+                    if !more {
+                        break;
+                    }
+                    given += 1;
+                }
+                Ok(Counted { kept, given })
+            }
+        }
+        d.deserialize_any(V::<T, N>(std::marker::PhantomData))
     }
 }
 
@@ -409,6 +451,32 @@ impl<'de> Deserialize<'de> for PromptItem {
                     v.push(t);
                 }
                 Ok(PromptItem::Ids(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Content, E> {
+                Ok(Content::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(p) = seq.next_element::<Part>()? {
+                    parts.push(p);
+                }
+                Ok(Content::Parts(parts))
             }
         }
         d.deserialize_any(V)

@@ -17,7 +17,7 @@ use strata_kv::TokenId;
 use strata_model::SamplingParams;
 
 use crate::error::ApiError;
-use de::{Capped, CappedMap, Fields, Given, read_fields};
+use de::{Capped, CappedMap, Counted, Fields, Given, read_fields};
 
 /// The most `top_logprobs` (as vLLM and OpenAI).
 pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
@@ -28,6 +28,9 @@ pub(crate) const MAX_STOPS: usize = 16;
 pub(crate) const MAX_STOP_BYTES: usize = 1024;
 /// The most `stop_token_ids`.
 pub(crate) const MAX_STOP_TOKEN_IDS: usize = 256;
+/// The most messages in a request (each costs tokens of template
+/// markers: far more than any context holds).
+pub(crate) const MAX_MESSAGES: usize = 65_536;
 /// The most `logit_bias` entries.
 pub(crate) const MAX_LOGIT_BIAS: usize = 1024;
 
@@ -282,8 +285,7 @@ impl Unsupported {
 
 /// A chat message's content: text, or a list of parts of which only text
 /// is supported.
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub(crate) enum Content {
     /// Plain text.
     Text(String),
@@ -349,8 +351,12 @@ pub(crate) struct Message {
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ChatRequest {
-    /// The conversation (or, in a session, its new messages).
+    /// The conversation (or, in a session, its new messages): at most
+    /// [`MAX_MESSAGES`] kept.
     pub(crate) messages: Vec<Message>,
+    /// How many messages were given (past the cap, the rest were skipped
+    /// unread: they cannot fit any context).
+    pub(crate) messages_given: usize,
     /// Return log-probabilities.
     pub(crate) logprobs: bool,
     /// How many alternatives per token, in [0, 20].
@@ -367,7 +373,12 @@ impl Fields for ChatRequest {
         key: &str,
         map: &mut A,
     ) -> Result<Option<&'static str>, A::Error> {
-        match read_fields!(self, key, map, [messages, logprobs, top_logprobs]) {
+        if key == "messages" {
+            let c = map.next_value::<Counted<Message, MAX_MESSAGES>>()?;
+            (self.messages, self.messages_given) = (c.kept, c.given);
+            return Ok(Some("messages"));
+        }
+        match read_fields!(self, key, map, [logprobs, top_logprobs]) {
             Some(name) => Ok(Some(name)),
             None => self.common.read(key, map),
         }

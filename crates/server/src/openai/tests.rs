@@ -242,3 +242,35 @@ fn a_large_body_costs_about_its_size_never_a_tree_of_it() {
         text.len()
     );
 }
+
+/// A message's content is text or parts, read in place: 4 MiB of parts
+/// that are not parts is refused at the first, with almost nothing held;
+/// more messages than any context holds are refused as they are read.
+#[test]
+fn contents_and_messages_are_read_in_place_and_capped() {
+    let r = chat(&json!({"messages": [
+        {"role": "user", "content": "plain"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]}))
+    .unwrap();
+    assert_eq!(r.messages[0].text().unwrap(), "plain");
+    assert_eq!(r.messages[1].text().unwrap(), "a\nb");
+    let junk = format!(
+        r#"{{"messages": [{{"role": "user", "content": [{}[]]}}]}}"#,
+        "[], ".repeat(1 << 20)
+    );
+    let (r, bytes) = peak(|| serde_json::from_slice::<ChatRequest>(junk.as_bytes()));
+    assert!(r.is_err());
+    assert!(bytes < 64 << 10, "content junk: {bytes} bytes");
+    let many = format!(
+        r#"{{"messages": [{}{{"role": "user", "content": "x"}}]}}"#,
+        r#"{"role": "user", "content": "x"}, "#.repeat(super::MAX_MESSAGES)
+    );
+    let r = serde_json::from_str::<ChatRequest>(&many).unwrap();
+    assert_eq!(
+        r.messages.len(),
+        super::MAX_MESSAGES,
+        "the rest skipped unread"
+    );
+    assert_eq!(r.messages_given, super::MAX_MESSAGES + 1, "and counted");
+}
