@@ -16,6 +16,7 @@ files=(
   crates/kv/src/block_pool/release.rs
   crates/kv/src/block_pool/checks.rs
   crates/kv/src/kv_cache.rs
+  crates/kv/src/tier_index.rs
   crates/engine/src/executor.rs
   crates/engine/src/scheduler.rs
   crates/engine/src/scheduler/admission.rs
@@ -51,6 +52,9 @@ plants=(
   "truncation keeps a failed step's blocks|crates/kv/src/block_pool/release.rs|s/            if blk\.tainted \{\n                keep = keep\.min\(i \* bs\);/            if false {\n                keep = keep.min(i * bs);/"
   "truncation keeps a cut block's generation|crates/kv/src/block_pool/release.rs|s/                blk\.unknown = 0;\n                blk\.generation\.bump\(\);/                blk.unknown = 0;/"
   "drop the rest of the release queue|crates/kv/src/kv_cache.rs|s/lock\(&self\.shared\.released\)\.pop_front\(\)/lock(\&self.shared.released).drain(..).next()/"
+  "find a tier entry still landing|crates/kv/src/tier_index.rs|s/e\.state == Landing::Visible && !e\.doomed && e\.parent == parent/!e.doomed \&\& e.parent == parent/"
+  "find a tier entry under another key|crates/kv/src/tier_index.rs|s/&& e\.parent == parent && e\.tokens == tokens/\&\& e.parent == parent/"
+  "evict a pinned tier entry at once|crates/kv/src/tier_index.rs|s/if e\.pins == 0 && e\.state == Landing::Visible \{/if e.state == Landing::Visible {/"
   # The engine.
   "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
   "no accesses recorded|crates/engine/src/scheduler.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"

@@ -32,6 +32,7 @@ mod ids;
 mod kv_cache;
 mod quarantine;
 mod sync;
+mod tier_index;
 
 pub use block_hash::{BlockHasher, ChainRoot, ExtraKeys, HashKey, MAX_BLOCK_SIZE, SequenceHasher};
 pub use block_pool::{
@@ -41,3 +42,4 @@ pub use block_pool::{
 pub use error::{Access, BlockState, KvError, Violation};
 pub use ids::{BlockHash, BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};
 pub use kv_cache::{KvCache, Lease, PoolGuard};
+pub use tier_index::{Landing, Tier, TierError, TierIndex};

@@ -10,3 +10,4 @@ mod model_based;
 mod regression;
 mod salt;
 mod sanitizer;
+mod tier_index;
