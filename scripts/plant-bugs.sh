@@ -19,6 +19,8 @@ files=(
   crates/kv/src/tier_index.rs
   crates/engine/src/executor.rs
   crates/engine/src/scheduler.rs
+  crates/engine/src/scheduler/plan.rs
+  crates/engine/src/scheduler/results.rs
   crates/engine/src/scheduler/admission.rs
   crates/engine/src/scheduler/room.rs
   crates/engine/src/scheduler/turns.rs
@@ -57,22 +59,22 @@ plants=(
   "evict a pinned tier entry at once|crates/kv/src/tier_index.rs|s/if e\.pins == 0 && e\.state == Landing::Visible \{/if e.state == Landing::Visible {/"
   # The engine.
   "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
-  "no accesses recorded|crates/engine/src/scheduler.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
+  "no accesses recorded|crates/engine/src/scheduler/plan.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
   "poisoning skipped|crates/engine/src/executor.rs|s/for &b in &step\.poison \{\n            self\.runner\.poison\(b\);/for \&b in \&step.poison {\n            let _ = b;/"
   "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler/admission.rs|s/if peek\.hit\.pending\.is_some\(\) \{/if false {/; s/if peek\.hit\.pending\.is_some\(\) \|\| /if /"
   "preempt every running request|crates/engine/src/scheduler/room.rs|s/            if gain\(g, &chosen\)\? >= short \{\n                break;\n            \}\n            chosen\.push\(giver\);/            chosen.push(giver);/; s/if gain\(g, &without\)\? >= short \{/if false {/"
   "unpin every idle session|crates/engine/src/scheduler/room.rs|s/if gain\(g, &chosen\)\? >= short \{/if gain(g, \&chosen)? >= short \&\& !matches!(giver, Giver::Session(..)) {/; s/if gain\(g, &without\)\? >= short \{/if gain(g, \&without)? >= short \&\& !matches!(chosen[k], Giver::Session(..)) {/"
   "unpin idle sessions that free nothing|crates/engine/src/scheduler/room.rs|s/if gain\(g, &without\)\? >= short \{/if false {/"
-  "hand a session its lease before the overlapped step completes|crates/engine/src/scheduler.rs|s/\.is_some_and\(\|s\| s\.finished && s\.outstanding == 0\)/.is_some_and(|s| s.finished)/"
+  "hand a session its lease before the overlapped step completes|crates/engine/src/scheduler/results.rs|s/\.is_some_and\(\|s\| s\.finished && s\.outstanding == 0\)/.is_some_and(|s| s.finished)/"
   "hand a session its lease without truncating it|crates/engine/src/scheduler/turns.rs|s/match g\.truncate\(&lease, upto\) \{/match Ok::<usize, strata_kv::KvError>(upto) {/"
   "ignore the blocks the step in flight gives back|crates/engine/src/scheduler/room.rs|s/self\.in_flight\.map_or\(0, \|e\| g\.returning_by\(e\)\) \+ self\.finishing/self.finishing/"
   "preempt older requests too|crates/engine/src/scheduler/room.rs|s/\.take_while\(\|&&v\| v > id\)/.filter(|\&\&v| v != id)/"
   "run the rows planned on top of a failed step|crates/engine/src/executor.rs|s/                    self\.last\.remove\(&r\.seq\);\n                    self\.doomed\.insert\(r\.seq\);/                    self.last.remove(\&r.seq);/"
   "look up and pin before deciding to admit|crates/engine/src/scheduler/admission.rs|s/let peek = g\.peek_prefix\(&seq\)\?;/let peek = g.peek_prefix(\&seq)?;\n                drop(g.lookup_and_pin(OwnerTag(id.get()), \&seq)?);/"
-  "score a recomputed prompt row twice|crates/engine/src/scheduler.rs|s/let from = start\.max\(s\.scored\);/let from = start;/"
-  "score each row against its own token|crates/engine/src/scheduler.rs|s/targets: s\.tokens\[from \+ 1\.\.=to\]\.to_vec\(\)/targets: s.tokens[from..to].to_vec()/"
+  "score a recomputed prompt row twice|crates/engine/src/scheduler/plan.rs|s/let from = start\.max\(s\.scored\);/let from = start;/"
+  "score each row against its own token|crates/engine/src/scheduler/plan.rs|s/targets: s\.tokens\[from \+ 1\.\.=to\]\.to_vec\(\)/targets: s.tokens[from..to].to_vec()/"
   "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.scoring\(\) => \{/None if false => {/"
-  "admit by position after a paused request joined the line|crates/engine/src/scheduler.rs|s/            self\.waiting\.retain\(\|&w\| w != id\);/            self.waiting.remove(at);/"
+  "admit the line's front after a paused request joined it|crates/engine/src/scheduler/plan.rs|s/            self\.waiting\.retain\(\|&w\| w != id\);/            self.waiting.pop_front();/"
   "paused requests never give way|crates/engine/src/scheduler/room.rs|s/s\.waits_for_reader\(\) && self\.plannable\(s\) && !in_step/false \&\& !in_step/"
   # The SSD tier.
   "serve a block without checking its payload|crates/store/src/ssd/record.rs|s/        if blake3::hash\(payload\)\.as_bytes\(\) != &self\.sums\[i\] \{/        if false {/"
