@@ -261,28 +261,7 @@ fn a_scored_prompt_gets_every_tokens_logprob_as_one_pass_gives_it() {
     assert_eq!(out.tokens, plain.tokens);
     assert_eq!(out.cached, 0, "a scored prompt takes no prefix hits");
     assert_eq!(out.scores.len(), p.len() - 1);
-    let bs = 4;
-    let blocks = p.len().div_ceil(bs);
-    let mut arena = strata_store::Arena::new(m.arena_layout(blocks, bs)).unwrap();
-    let table: Vec<strata_kv::BlockId> = (0..blocks as u32).map(strata_kv::BlockId::new).collect();
-    let all = m
-        .forward(
-            &mut arena,
-            &[strata_model::SeqInput {
-                tokens: &p,
-                start: 0,
-                block_table: &table,
-                logits: strata_model::Logits::All,
-            }],
-        )
-        .unwrap()
-        .remove(0);
-    let vocab = m.config().vocab;
-    for (i, s) in out.scores.iter().enumerate() {
-        let want = strata_model::score(&all[i * vocab..(i + 1) * vocab], p[i + 1], 3);
-        assert_eq!(s, &want, "score of prompt token {}", i + 1);
-        assert_eq!(s.top.len(), 3);
-    }
+    scores_are_one_pass(&m, &p, &out.scores, 3);
     for mut h in others {
         outcome(h.collect_blocking());
     }
@@ -372,26 +351,34 @@ fn a_scored_prompt_preempted_mid_prefill_is_scored_once() {
     outcome(older.collect_blocking());
     assert!(e.stats().counters.preemptions > 0, "never preempted");
     assert_eq!(out.scores.len(), p.len() - 1, "each position scored once");
+    scores_are_one_pass(&m, &p, &out.scores, 1);
+    assert_whole(&e);
+}
+
+/// `scores` are, bit for bit, what one forward pass over `p` gives each of
+/// its tokens after the first, with `top` alternatives.
+fn scores_are_one_pass(
+    m: &strata_model::LlamaModel,
+    p: &[TokenId],
+    scores: &[strata_model::Sampled],
+    top: usize,
+) {
     let bs = 4;
     let blocks = p.len().div_ceil(bs);
     let mut arena = strata_store::Arena::new(m.arena_layout(blocks, bs)).unwrap();
     let table: Vec<strata_kv::BlockId> = (0..blocks as u32).map(strata_kv::BlockId::new).collect();
-    let all = m
-        .forward(
-            &mut arena,
-            &[strata_model::SeqInput {
-                tokens: &p,
-                start: 0,
-                block_table: &table,
-                logits: strata_model::Logits::All,
-            }],
-        )
-        .unwrap()
-        .remove(0);
+    let input = strata_model::SeqInput {
+        tokens: p,
+        start: 0,
+        block_table: &table,
+        logits: strata_model::Logits::All,
+    };
+    let all = m.forward(&mut arena, &[input]).unwrap().remove(0);
     let vocab = m.config().vocab;
-    for (i, s) in out.scores.iter().enumerate() {
-        let want = strata_model::score(&all[i * vocab..(i + 1) * vocab], p[i + 1], 1);
+    assert_eq!(scores.len(), p.len() - 1, "each position scored once");
+    for (i, s) in scores.iter().enumerate() {
+        let want = strata_model::score(&all[i * vocab..(i + 1) * vocab], p[i + 1], top);
         assert_eq!(s, &want, "score of prompt token {}", i + 1);
+        assert_eq!(s.top.len(), top);
     }
-    assert_whole(&e);
 }
