@@ -11,7 +11,7 @@ use strata_model::Tokenizer;
 #[derive(Serialize)]
 pub(super) struct TokenLogprob {
     token: String,
-    logprob: f32,
+    logprob: f64,
     bytes: Vec<u8>,
 }
 
@@ -20,7 +20,7 @@ impl TokenLogprob {
         let bytes = tok.token_bytes(t).to_vec();
         Self {
             token: String::from_utf8_lossy(&bytes).into_owned(),
-            logprob,
+            logprob: logprob.into(),
             bytes,
         }
     }
@@ -30,7 +30,7 @@ impl TokenLogprob {
 #[derive(Serialize)]
 pub(super) struct ChatTokenLogprob {
     token: String,
-    logprob: f32,
+    logprob: f64,
     bytes: Vec<u8>,
     top_logprobs: Vec<TokenLogprob>,
 }
@@ -64,7 +64,7 @@ impl ChatLogprobs {
 
 /// One token's alternatives, serialized as a JSON object from token text
 /// to log-probability (completions' shape).
-struct TopMap(Vec<(String, f32)>);
+struct TopMap(Vec<(String, f64)>);
 
 impl Serialize for TopMap {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -82,7 +82,7 @@ impl Serialize for TopMap {
 pub(super) struct TextLogprobs {
     tokens: Vec<String>,
     /// `null` for the prompt's first token (nothing comes before it).
-    token_logprobs: Vec<Option<f32>>,
+    token_logprobs: Vec<Option<f64>>,
     top_logprobs: Vec<Option<TopMap>>,
     text_offset: Vec<usize>,
 }
@@ -98,9 +98,12 @@ impl TextLogprobs {
     ) {
         let text = |t: TokenId| String::from_utf8_lossy(tok.token_bytes(t)).into_owned();
         self.tokens.push(text(id));
-        self.token_logprobs.push(score.map(|s| s.0));
-        self.top_logprobs
-            .push(score.map(|(_, top)| TopMap(top.iter().map(|&(t, l)| (text(t), l)).collect())));
+        self.token_logprobs.push(score.map(|s| f64::from(s.0)));
+        self.top_logprobs.push(
+            score.map(|(_, top)| {
+                TopMap(top.iter().map(|&(t, l)| (text(t), f64::from(l))).collect())
+            }),
+        );
         self.text_offset.push(offset);
     }
 
@@ -122,9 +125,9 @@ impl TextLogprobs {
     ) {
         let text = |t: TokenId| String::from_utf8_lossy(tok.token_bytes(t)).into_owned();
         self.tokens.push(text(id));
-        self.token_logprobs.push(Some(lp));
+        self.token_logprobs.push(Some(lp.into()));
         self.top_logprobs.push(Some(TopMap(
-            top.iter().map(|&(t, l)| (text(t), l)).collect(),
+            top.iter().map(|&(t, l)| (text(t), f64::from(l))).collect(),
         )));
         self.text_offset.push(offset);
     }

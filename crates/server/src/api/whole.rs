@@ -1,7 +1,8 @@
 //! A generation answered as one JSON object.
 
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use serde_json::Value;
 
 use super::generation::{Generation, Kind, Step};
 use super::logprobs::{ChatLogprobs, TextLogprobs};
@@ -33,45 +34,90 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
             }
             Step::Done { reason, usage } => {
                 let usage = Generation::usage_json(&usage);
-                let body = match g.kind {
-                    Kind::Chat => json!({
-                        "id": g.id,
-                        "object": "chat.completion",
-                        "created": g.created,
-                        "model": g.loaded.name,
-                        "system_fingerprint": g.loaded.fingerprint,
-                        "choices": [{
-                            "index": 0,
-                            "message": {"role": "assistant", "content": g.text, "refusal": null},
-                            "logprobs": g.logprobs.map(|_| &chat_lp),
-                            "finish_reason": reason,
+                let (id, created) = (g.id.as_str(), g.created);
+                let (model, fp) = (g.loaded.name.as_str(), g.loaded.fingerprint.as_str());
+                // Serialized straight from typed structs: a long answer's
+                // logprobs never become a tree of JSON values.
+                return Ok(match g.kind {
+                    Kind::Chat => axum::Json(Whole {
+                        id,
+                        object: "chat.completion",
+                        created,
+                        model,
+                        system_fingerprint: fp,
+                        choices: [ChatChoice {
+                            index: 0,
+                            message: Message {
+                                role: "assistant",
+                                content: &g.text,
+                                refusal: None,
+                            },
+                            logprobs: g.logprobs.map(|_| &chat_lp),
+                            finish_reason: reason,
                         }],
-                        "usage": usage,
-                    }),
+                        usage,
+                    })
+                    .into_response(),
                     Kind::Completion => {
                         if let Some(s) = &g.scored {
                             let mut all = s.logprobs(&g.loaded.tokenizer);
                             all.append(std::mem::take(&mut text_lp));
                             text_lp = all;
                         }
-                        json!({
-                        "id": g.id,
-                        "object": "text_completion",
-                        "created": g.created,
-                        "model": g.loaded.name,
-                        "system_fingerprint": g.loaded.fingerprint,
-                        "choices": [{
-                            "index": 0,
-                            "text": format!("{prefix}{}", g.text),
-                            "logprobs": g.logprobs.map(|_| &text_lp),
-                            "finish_reason": reason,
-                        }],
-                        "usage": usage,
+                        axum::Json(Whole {
+                            id,
+                            object: "text_completion",
+                            created,
+                            model,
+                            system_fingerprint: fp,
+                            choices: [TextChoice {
+                                index: 0,
+                                text: format!("{prefix}{}", g.text),
+                                logprobs: g.logprobs.map(|_| &text_lp),
+                                finish_reason: reason,
+                            }],
+                            usage,
                         })
+                        .into_response()
                     }
-                };
-                return Ok(axum::Json(body).into_response());
+                });
             }
         }
     }
+}
+
+/// A whole answer (both endpoints' shape).
+#[derive(Serialize)]
+struct Whole<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: [C; 1],
+    usage: Value,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: Message<'a>,
+    logprobs: Option<&'a ChatLogprobs>,
+    finish_reason: &'a str,
+}
+
+/// The assistant's message; `refusal` is always null (there are none).
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: String,
+    logprobs: Option<&'a TextLogprobs>,
+    finish_reason: &'a str,
 }
