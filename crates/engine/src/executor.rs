@@ -272,8 +272,10 @@ impl<R: Runner> Executor<R> {
                                 .map(|(i, &t)| strata_model::score(row(i), t, sc.top))
                                 .collect(),
                         ));
-                        // The last row samples.
-                        l.drain(..l.len() - vocab);
+                        if r.sample {
+                            // The last row samples.
+                            l = l.split_off(l.len() - vocab);
+                        }
                     }
                     if !r.sample {
                         continue;
@@ -348,22 +350,19 @@ impl<R: Runner> Executor<R> {
         }
         // Every row of logits has one width; a sequence that asked for all
         // its rows got that many.
-        let width = |r: &StepSeq, l: &[f32]| match r.logits() {
-            Logits::All => l.len() / r.known.len().max(1),
-            _ => l.len(),
+        let rows = |r: &StepSeq| match r.logits() {
+            Logits::All => r.known.len(),
+            _ => 1,
         };
-        let vocab = wanted.first().map(|r| width(r, &logits[0]));
+        let vocab = wanted
+            .first()
+            .map_or(0, |r| logits[0].len() / rows(r).max(1));
         for (r, l) in wanted.iter().zip(&logits) {
-            let rows = if r.logits() == Logits::All {
-                r.known.len()
-            } else {
-                1
-            };
-            if Some(width(r, l)) != vocab || l.len() != rows * vocab.unwrap_or(0) || l.is_empty() {
+            if vocab == 0 || l.len() != rows(r) * vocab {
                 return Err(format!(
-                    "the model returned {} logits for {rows} rows of {}",
+                    "the model returned {} logits for {} rows of {vocab}",
                     l.len(),
-                    vocab.unwrap_or(0)
+                    rows(r)
                 ));
             }
         }

@@ -389,7 +389,13 @@ impl Detokenizer {
         if tokenizer.is_control(t) {
             return String::new();
         }
-        self.pending.extend_from_slice(tokenizer.token_bytes(t));
+        self.push_bytes(tokenizer.token_bytes(t))
+    }
+
+    /// Adds raw bytes (a token's, control tokens included); returns the
+    /// text they complete.
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         loop {
             match std::str::from_utf8(&self.pending) {

@@ -236,10 +236,22 @@ impl Scheduler {
         let Some(Giver::Paused(v, _)) = self.paused_givers(in_step).first().copied() else {
             return Ok(false);
         };
+        self.give_way(g, room, v)?;
+        Ok(true)
+    }
+
+    /// Paused request `v` gives its slot and blocks up (see
+    /// [`Giver::Paused`]).
+    fn give_way(
+        &mut self,
+        g: &mut PoolGuard<'_>,
+        room: &mut Room,
+        v: RequestId,
+    ) -> Result<(), KvError> {
         room.forget(v);
         self.preempt(g, v)?;
         self.counters.gave_way += 1;
-        Ok(true)
+        Ok(())
     }
 
     /// Sessions whose pins are at rest (idle, or their turn not admitted),
@@ -313,11 +325,7 @@ impl Scheduler {
                     g.release(lease)?;
                     self.counters.sessions_unpinned += 1;
                 }
-                Giver::Paused(v, _) => {
-                    room.forget(v);
-                    self.preempt(g, v)?;
-                    self.counters.gave_way += 1;
-                }
+                Giver::Paused(v, _) => self.give_way(g, room, v)?,
                 Giver::Request(v, _) => {
                     let (id, needless) = row.expect("only rows preempt");
                     self.counters.needless_preemptions += needless as u64;

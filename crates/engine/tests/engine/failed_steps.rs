@@ -267,26 +267,8 @@ fn a_request_paused_for_its_client_gives_its_slot_to_a_waiting_one() {
     let (p1, p2) = (tokens(41, 5), tokens(42, 5));
     let mut unread = engine.submit(request(p1.clone(), 400)).unwrap();
     let mut waiting = engine.submit(request(p2.clone(), 4)).unwrap();
-    // Bounded: polled, never a hang on a regression.
     let start = Instant::now();
-    let mut got = Vec::new();
-    loop {
-        match waiting.try_recv() {
-            Ok(Event::Token { id, .. }) => got.push(id),
-            Ok(Event::Finished { reason, .. }) => {
-                assert_eq!(reason, FinishReason::Length);
-                break;
-            }
-            Ok(_) => {}
-            Err(_) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "the waiting request never ran"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
+    let got = tokens_within(&mut waiting, "the waiting request never ran");
     assert_eq!(got, expected(&p2, 4));
     assert!(engine.stats().counters.gave_way >= 1);
     // Quiet while the only request left waits for its client.
@@ -304,25 +286,29 @@ fn a_request_paused_for_its_client_gives_its_slot_to_a_waiting_one() {
     std::thread::sleep(Duration::from_millis(300));
     let more = engine.stats().counters.steps - steps;
     assert!(more <= 1, "{more} steps while every request waits");
-    let mut out = Vec::new();
+    let out = tokens_within(&mut unread, "the paused request never resumed");
+    assert_eq!(out, expected(&p1, 400), "resumed exactly where it paused");
+    crate::fixture::assert_whole(&engine);
+}
+
+/// The tokens of a request that ends `Length` within 20 s (polled: a
+/// regression fails with `what`, never hangs).
+fn tokens_within(h: &mut strata_engine::RequestHandle, what: &str) -> Vec<TokenId> {
+    use std::time::{Duration, Instant};
     let start = Instant::now();
+    let mut got = Vec::new();
     loop {
-        match unread.try_recv() {
-            Ok(Event::Token { id, .. }) => out.push(id),
+        match h.try_recv() {
+            Ok(Event::Token { id, .. }) => got.push(id),
             Ok(Event::Finished { reason, .. }) => {
                 assert_eq!(reason, FinishReason::Length);
-                break;
+                return got;
             }
             Ok(_) => {}
             Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "the paused request never resumed ({e:?})"
-                );
+                assert!(start.elapsed() < Duration::from_secs(20), "{what} ({e:?})");
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
-    assert_eq!(out, expected(&p1, 400), "resumed exactly where it paused");
-    crate::fixture::assert_whole(&engine);
 }

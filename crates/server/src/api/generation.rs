@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use strata_engine::{Event, FinishReason, RequestHandle, Usage};
 use strata_kv::TokenId;
-use strata_model::{ChatMessage, Sampled, Tokenizer};
+use strata_model::{ChatMessage, Detokenizer, Sampled, Tokenizer};
 
 use super::Shared;
 use super::logprobs::TextLogprobs;
@@ -79,24 +79,15 @@ impl ScoredPrompt {
     /// has none; offsets count characters of the echoed text.
     pub(super) fn logprobs(&self, tok: &Tokenizer) -> TextLogprobs {
         let mut lp = TextLogprobs::default();
-        let mut bytes = Vec::new();
-        // Characters of the whole UTF-8 prefix of `bytes`, and its length.
-        let (mut chars, mut whole) = (0, 0);
+        // The echoed text holds control tokens' text too (as written).
+        let mut text = Detokenizer::default();
+        let mut chars = 0;
         for (i, &t) in self.tokens.iter().enumerate() {
             let score = i.checked_sub(1).and_then(|j| self.scores.get(j));
             lp.push_prompt(tok, chars, t, score.map(|s| (s.logprob, &s.top[..])));
-            if i == 0 && self.added_bos {
-                continue;
+            if i > 0 || !self.added_bos {
+                chars += text.push_bytes(tok.token_bytes(t)).chars().count();
             }
-            bytes.extend_from_slice(tok.token_bytes(t));
-            let valid = match std::str::from_utf8(&bytes[whole..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            chars += String::from_utf8_lossy(&bytes[whole..whole + valid])
-                .chars()
-                .count();
-            whole += valid;
         }
         lp
     }
