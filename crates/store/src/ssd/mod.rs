@@ -185,9 +185,15 @@ impl SsdStore {
         let mut r = Recovery::default();
         for (path, size) in self.io.list(&self.records_dir)? {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Exactly the names this store writes (16 lowercase hex
+            // digits), so no two files share an id.
             let id = name
                 .strip_suffix(".rec")
-                .and_then(|h| u64::from_str_radix(h, 16).ok());
+                .filter(|h| {
+                    h.len() == 16 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+                })
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .filter(|&id| id < u64::MAX);
             let Some(id) = id else {
                 // A temporary file (a write that never finished), or
                 // something that is not ours to keep in our directory.
@@ -306,7 +312,8 @@ impl SsdStore {
             return Ok(false);
         }
         let tokens = blocks[0].tokens.len();
-        let bytes = encode(&self.config.fingerprint, parent, tokens, blocks, payloads);
+        let bytes = encode(&self.config.fingerprint, parent, tokens, blocks, payloads)
+            .map_err(std::io::Error::other)?;
         let len = bytes.len() as u64;
         if len > self.config.capacity {
             return Ok(false);

@@ -96,16 +96,31 @@ impl Header {
 }
 
 /// Encodes a record of `blocks` (consecutive, after `parent`) whose
-/// payloads are `payloads` (one slice of `block_bytes` per block).
+/// payloads are `payloads` (one slice of `block_bytes` per block); refuses
+/// blocks of mixed sizes and a header past [`MAX_HEADER`].
 pub fn encode(
     fingerprint: &[u8],
     parent: BlockHash,
     block_tokens: usize,
     blocks: &[BlockKey],
     payloads: &[&[u8]],
-) -> Vec<u8> {
-    assert_eq!(blocks.len(), payloads.len(), "a payload per block");
+) -> Result<Vec<u8>, RecordError> {
     let block_bytes = payloads.first().map_or(0, |p| p.len());
+    let shape_ok = blocks.len() == payloads.len()
+        && blocks.iter().all(|b| b.tokens.len() == block_tokens)
+        && payloads.iter().all(|p| p.len() == block_bytes);
+    if !shape_ok {
+        return Err(RecordError::Malformed(
+            "a record needs one payload per block, all full and of one size".into(),
+        ));
+    }
+    let header =
+        16 + 4 + fingerprint.len() + 16 + 16 + blocks.len() * (16 + 4 * block_tokens + 32) + 32;
+    if header > MAX_HEADER {
+        return Err(RecordError::Malformed(format!(
+            "a header of {header} bytes"
+        )));
+    }
     let mut h = Vec::new();
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
@@ -117,8 +132,6 @@ pub fn encode(
     h.extend_from_slice(&(block_bytes as u64).to_le_bytes());
     h.extend_from_slice(&parent.bits().to_le_bytes());
     for (b, p) in blocks.iter().zip(payloads) {
-        assert_eq!(b.tokens.len(), block_tokens, "full blocks only");
-        assert_eq!(p.len(), block_bytes, "blocks of one size");
         h.extend_from_slice(&b.hash.bits().to_le_bytes());
         for t in &b.tokens {
             h.extend_from_slice(&t.get().to_le_bytes());
@@ -132,7 +145,7 @@ pub fn encode(
     for p in payloads {
         h.extend_from_slice(p);
     }
-    h
+    Ok(h)
 }
 
 /// A cursor over header bytes that refuses to read past them.
@@ -206,7 +219,9 @@ pub fn decode_header(bytes: &[u8], fingerprint: &[u8]) -> Result<Header, RecordE
     let block_tokens = r.u32()? as usize;
     let n = r.u32()? as usize;
     let block_bytes = usize::try_from(r.u64()?)
-        .map_err(|_| RecordError::Malformed("a block too large".into()))?;
+        .ok()
+        .filter(|&b| b.checked_mul(n).and_then(|p| p.checked_add(len)).is_some())
+        .ok_or_else(|| RecordError::Malformed("a payload too large".into()))?;
     let parent = BlockHash::from_bits(r.u128()?);
     let mut blocks = Vec::new();
     let mut sums = Vec::new();

@@ -347,3 +347,46 @@ fn a_failure_at_any_write_rename_or_read_never_serves_bad_bytes() {
         assert_eq!(tmp, 0, "n={n}: a temporary file survived recovery");
     }
 }
+
+/// Bad records from a caller or from the disk are errors, never a panic:
+/// blocks of mixed sizes, a header past its limit, and a crafted header
+/// (valid checksum) whose sizes overflow.
+#[test]
+fn malformed_and_crafted_records_are_refused_not_panics() {
+    let d = TempDir::new("crafted");
+    let mut s = open(&d.0, 1 << 30);
+    let (a, parent, pa) = block(1, 0);
+    let (b, _, _) = block(1, 1);
+    assert!(
+        s.put(parent, &[a.clone(), b.clone()], &[&pa, &pa[..10]])
+            .is_err()
+    );
+    assert!(s.put(parent, std::slice::from_ref(&a), &[]).is_err());
+    let many: Vec<BlockKey> = (0..20_000u32).map(|i| block(2, i).0).collect();
+    let tiny = [0u8; 1];
+    let payloads: Vec<&[u8]> = many.iter().map(|_| &tiny[..]).collect();
+    assert!(
+        s.put(block(2, 0).1, &many, &payloads).is_err(),
+        "a header past 1 MiB"
+    );
+    s.check_invariants().unwrap();
+    assert!(put(&mut s, 3, 0, 2).unwrap());
+    drop(s);
+    // Rewrite the record's block_bytes to 2^63 and re-sign its header.
+    let f = record_files(&d.0).remove(0);
+    let mut bytes = std::fs::read(&f).unwrap();
+    let hlen = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let at = 16 + 4 + FP.len() + 4 + 4;
+    bytes[at..at + 8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    let sum = *blake3::hash(&bytes[..hlen - 32]).as_bytes();
+    bytes[hlen - 32..hlen].copy_from_slice(&sum);
+    std::fs::write(&f, &bytes).unwrap();
+    std::fs::write(d.0.join("records/+1.rec"), b"not one of ours").unwrap();
+    let (mut s, rec) = SsdStore::open(config(&d.0, 1 << 30), Arc::new(RealIo)).unwrap();
+    assert_eq!(
+        (rec.records, rec.corrupt_removed, rec.temporary_removed),
+        (0, 1, 1),
+        "{rec:?}"
+    );
+    assert!(get(&mut s, 3, 0).is_none());
+}
