@@ -28,6 +28,9 @@ use crate::error::{Access, BlockState, KvError, Violation};
 use crate::free_queue::FreeQueue;
 use crate::ids::{BlockHash, BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};
 use crate::quarantine::Quarantine;
+use crate::tier_index::TierIndex;
+
+pub use tiers::{Demotion, Restore, RestorePlan, TierPolicy};
 
 /// The pool's fixed shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +186,11 @@ struct Block {
     quarantines: u32,
     /// The chain root, used as the parent hash of a chain's first block.
     root: BlockHash,
+    /// A restore target whose copy has not landed: not readable, writable
+    /// or publishable (see `tiers.rs`).
+    restoring: bool,
+    /// Its position in its chain (0: the first block).
+    depth: u32,
 }
 
 impl Block {
@@ -202,6 +210,8 @@ impl Block {
             source: None,
             quarantines: 0,
             root: BlockHash::from_bits(0),
+            restoring: false,
+            depth: 0,
         }
     }
 
@@ -233,6 +243,8 @@ struct Holder {
     tokens: usize,
     /// The latest epoch that read or wrote through this holder.
     last_epoch: Epoch,
+    /// Restores not landed yet, in chain order (see `tiers.rs`).
+    restoring: std::collections::VecDeque<tiers::Outstanding>,
 }
 
 /// The block pool.
@@ -273,6 +285,13 @@ pub struct BlockPool {
     stats: PoolStats,
     /// Block records touched, for showing that operations are O(1) per block.
     work: u64,
+    /// What the tiers below the arena hold (see `tiers.rs`).
+    tier_index: TierIndex,
+    tier_policy: TierPolicy,
+    /// Demotions planned, for the next step to carry.
+    demotions: Vec<Demotion>,
+    /// Published blocks waiting for a write-through demotion.
+    through: Vec<(BlockId, Generation)>,
 }
 
 impl std::fmt::Debug for BlockPool {
@@ -326,6 +345,10 @@ impl BlockPool {
                 ..PoolStats::default()
             },
             work: 0,
+            tier_index: TierIndex::new(),
+            tier_policy: TierPolicy::default(),
+            demotions: Vec::new(),
+            through: Vec::new(),
         })
     }
 
@@ -428,6 +451,7 @@ impl BlockPool {
             blocks: Vec::new(),
             tokens: 0,
             last_epoch: Epoch::ZERO,
+            restoring: std::collections::VecDeque::new(),
         };
         if let Some(slot) = self.free_holder_slots.pop() {
             let h = &mut self.holders[slot as usize];
@@ -611,19 +635,22 @@ impl BlockPool {
             });
         }
         let mut evicted = Vec::new();
-        let holder = &mut self.holders[h.slot as usize];
-        let root = holder.root.hash();
-        let mut parent = holder
+        let root = self.holders[h.slot as usize].root.hash();
+        let mut parent = self.holders[h.slot as usize]
             .blocks
             .last()
             .map(|&b| (b, self.blocks[b.index()].generation));
-        holder.blocks.reserve(n);
+        let mut fresh = Vec::with_capacity(n);
         for _ in 0..n {
             self.work += 1;
             let b = self
                 .free
                 .pop_front()
                 .expect("free queue length was checked");
+            if self.blocks[b.index()].published {
+                self.demote_on_evict(b);
+            }
+            let depth = parent.map_or(0, |(p, _)| self.blocks[p.index()].depth + 1);
             let blk = &mut self.blocks[b.index()];
             if let Some(hash) = blk.hash {
                 if blk.published {
@@ -642,13 +669,15 @@ impl BlockPool {
                 quarantines: blk.quarantines,
                 parent,
                 root,
+                depth,
                 ..Block::empty()
             };
             let bs = self.config.block_size as usize;
             self.tokens[b.index() * bs..(b.index() + 1) * bs].fill(UNKNOWN);
             parent = Some((b, blk.generation));
-            holder.blocks.push(b);
+            fresh.push(b);
         }
+        self.holders[h.slot as usize].blocks.extend(fresh);
         self.owned += n;
         Ok(evicted)
     }
@@ -748,4 +777,5 @@ impl BlockPool {
 
 mod checks;
 mod release;
+mod tiers;
 mod writes;

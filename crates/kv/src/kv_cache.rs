@@ -21,10 +21,13 @@
 use std::ops::Deref;
 
 use crate::block_hash::{BlockHasher, ChainRoot, SequenceHasher};
-use crate::block_pool::{BlockPool, CowCopy, Evicted, PoolConfig, PrefixHit, SlotRef};
+use crate::block_pool::{
+    BlockPool, CowCopy, Demotion, Evicted, PoolConfig, PrefixHit, RestorePlan, SlotRef, TierPolicy,
+};
 use crate::error::KvError;
-use crate::ids::{Epoch, HolderId, OwnerTag, TokenId};
+use crate::ids::{BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};
 use crate::sync::{Arc, Mutex, MutexGuard, lock};
+use crate::tier_index::TierIndex;
 
 struct Shared {
     pool: Mutex<BlockPool>,
@@ -149,6 +152,50 @@ impl PoolGuard<'_> {
     ) -> Result<(Lease, PrefixHit), KvError> {
         let (id, hit) = self.pool.lookup_and_pin(tag, seq)?;
         Ok((self.cache.lease(id), hit))
+    }
+
+    /// See [`BlockPool::lookup_and_pin_tiered`]; the pins, tier pins and
+    /// restore targets live as long as the lease.
+    pub fn lookup_and_pin_tiered(
+        &mut self,
+        tag: OwnerTag,
+        seq: &SequenceHasher,
+        max_restore: usize,
+    ) -> Result<(Lease, PrefixHit, RestorePlan), KvError> {
+        let (id, hit, plan) = self.pool.lookup_and_pin_tiered(tag, seq, max_restore)?;
+        Ok((self.cache.lease(id), hit, plan))
+    }
+
+    /// See [`BlockPool::restore_landed`].
+    pub fn restore_landed(
+        &mut self,
+        lease: &Lease,
+        epoch: Epoch,
+        n: usize,
+    ) -> Result<Vec<(BlockId, Generation)>, KvError> {
+        let id = self.own(lease)?;
+        self.pool.restore_landed(id, epoch, n)
+    }
+
+    /// See [`BlockPool::restore_failed`].
+    pub fn restore_failed(&mut self, lease: &Lease, i: usize) -> Result<(), KvError> {
+        let id = self.own(lease)?;
+        self.pool.restore_failed(id, i)
+    }
+
+    /// See [`BlockPool::set_tier_policy`].
+    pub fn set_tier_policy(&mut self, policy: TierPolicy) {
+        self.pool.set_tier_policy(policy);
+    }
+
+    /// See [`BlockPool::take_demotions`].
+    pub fn take_demotions(&mut self, through_budget: usize) -> Vec<Demotion> {
+        self.pool.take_demotions(through_budget)
+    }
+
+    /// The tier index, for the stores' reports.
+    pub fn tiers_mut(&mut self) -> &mut TierIndex {
+        self.pool.tiers_mut()
     }
 
     /// A lease on a new, empty holder.

@@ -36,8 +36,8 @@ mod tier_index;
 
 pub use block_hash::{BlockHasher, ChainRoot, ExtraKeys, HashKey, MAX_BLOCK_SIZE, SequenceHasher};
 pub use block_pool::{
-    BlockPool, CowCopy, Evicted, PoolConfig, PoolStats, PrefixHit, PrefixPeek, ReleaseYield,
-    SlotRef,
+    BlockPool, CowCopy, Demotion, Evicted, PoolConfig, PoolStats, PrefixHit, PrefixPeek,
+    ReleaseYield, Restore, RestorePlan, SlotRef, TierPolicy,
 };
 pub use error::{Access, BlockState, KvError, Violation};
 pub use ids::{BlockHash, BlockId, Epoch, Generation, HolderId, OwnerTag, TokenId};

@@ -168,6 +168,61 @@ impl TierIndex {
         }
     }
 
+    /// A block a tier already holds (found by recovery at start): visible
+    /// at once. A hash already here keeps its entry.
+    pub fn insert_visible(
+        &mut self,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[TokenId],
+        tier: Tier,
+    ) -> bool {
+        if self.entries.contains_key(&hash) {
+            return false;
+        }
+        self.entries.insert(
+            hash,
+            Entry {
+                tier,
+                parent,
+                tokens: tokens.to_vec(),
+                state: Landing::Visible,
+                pins: 0,
+                doomed: false,
+            },
+        );
+        true
+    }
+
+    /// Where the stores now hold `hash`: the fastest tier holding it, or
+    /// nowhere. A landing entry becomes visible (or goes); a visible one
+    /// moves (or is evicted, see [`Self::evict`]). Unknown hashes are
+    /// ignored (an entry a restore report already removed).
+    pub fn located(&mut self, hash: BlockHash, tier: Option<Tier>) {
+        let Some(e) = self.entries.get_mut(&hash) else {
+            return;
+        };
+        match (e.state, tier) {
+            (Landing::Landing, Some(t)) => {
+                e.tier = t;
+                let _ = self.demotion_landed(hash, true);
+            }
+            (Landing::Landing, None) => {
+                let _ = self.demotion_landed(hash, false);
+            }
+            (Landing::Visible, Some(t)) => e.tier = t,
+            (Landing::Visible, None) => {
+                let _ = self.evict(hash);
+            }
+        }
+    }
+
+    /// Whether `hash` has an entry of any kind (a demotion of it is never
+    /// planned twice).
+    pub fn contains(&self, hash: BlockHash) -> bool {
+        self.entries.contains_key(&hash)
+    }
+
     /// Entries in `tier` (landing ones included).
     pub fn len(&self, tier: Tier) -> usize {
         self.entries.values().filter(|e| e.tier == tier).count()

@@ -28,6 +28,8 @@ impl BlockPool {
                 "waiting in quarantine for an earlier step only"
             } else if blk.tainted {
                 "written by a failed step"
+            } else if blk.restoring {
+                "restoring: its copy has not landed"
             } else if access == Access::Write && blk.published {
                 "published: shared content is never written"
             } else if access == Access::Write && blk.refcount > 1 {
@@ -92,7 +94,21 @@ impl BlockPool {
             }
         }
         let mut holders_of = vec![0u32; self.blocks.len()];
+        let mut restoring_of = vec![0u32; self.blocks.len()];
+        let mut tier_pins = 0u64;
         for h in self.holders.iter().filter(|h| h.live) {
+            tier_pins += h.restoring.len() as u64;
+            for o in &h.restoring {
+                restoring_of[o.block().index()] += 1;
+                let at = h.blocks.iter().position(|&b| b == o.block());
+                if at.is_none_or(|i| i * bs < h.tokens) {
+                    return Err(format!(
+                        "{:?}'s restore target {:?} is not past its tokens",
+                        h.tag,
+                        o.block()
+                    ));
+                }
+            }
             if h.tokens > h.blocks.len() * bs {
                 return Err(format!(
                     "holder {:?} claims {} tokens in {} blocks",
@@ -131,6 +147,15 @@ impl BlockPool {
                 return Err(format!(
                     "{b:?} has refcount {} but {} holders (invariant 4)",
                     blk.refcount, holders_of[i]
+                ));
+            }
+            if blk.restoring != (restoring_of[i] == 1)
+                || restoring_of[i] > 1
+                || (blk.restoring && (blk.refcount != 1 || blk.filled != 0))
+            {
+                return Err(format!(
+                    "{b:?}: restoring {} but {} outstanding restores name it (refcount {}, filled {})",
+                    blk.restoring, restoring_of[i], blk.refcount, blk.filled
                 ));
             }
             match blk.state {
@@ -251,9 +276,16 @@ impl BlockPool {
         }
         for (hash, &(b, g)) in &self.pending {
             let blk = &self.blocks[b.index()];
-            if blk.generation == g && (blk.hash != Some(*hash) || blk.published) {
+            if blk.generation == g && !blk.restoring && (blk.hash != Some(*hash) || blk.published) {
                 return Err(format!("pending entry {hash:?} -> {b:?} is wrong"));
             }
+        }
+        self.tier_index.check_invariants()?;
+        if self.tier_index.pins() != tier_pins {
+            return Err(format!(
+                "the tier index holds {} pins but holders' restores {tier_pins}",
+                self.tier_index.pins()
+            ));
         }
         if self.live_holders() == 0
             && self.quarantine.issued() == completed

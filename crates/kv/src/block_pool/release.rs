@@ -10,6 +10,7 @@ impl BlockPool {
     /// its extensions in the LRU order), and forgets the holder.
     pub fn release(&mut self, h: HolderId) -> Result<(), KvError> {
         self.holder(h)?;
+        self.abandon_restores(h);
         let holder = &mut self.holders[h.slot as usize];
         holder.live = false;
         let blocks = std::mem::take(&mut holder.blocks);
@@ -37,6 +38,11 @@ impl BlockPool {
     pub fn truncate(&mut self, h: HolderId, tokens: usize) -> Result<usize, KvError> {
         let bs = self.bs();
         let completed = self.quarantine.completed();
+        let holder = self.holder(h)?;
+        if !holder.restoring.is_empty() {
+            // Cut below what restores: they become plain blocks first.
+            self.restore_failed_quietly(h);
+        }
         let holder = self.holder(h)?;
         if holder.last_epoch > completed {
             return Err(KvError::HolderInFlight {
@@ -200,6 +206,8 @@ impl BlockPool {
                 continue;
             }
             let hash = blk.hash.expect("a published block has a hash");
+            self.demote_on_evict(b);
+            let blk = &mut self.blocks[b.index()];
             blk.published = false;
             self.index.remove(&hash);
             self.stats.evictions += 1;

@@ -87,6 +87,8 @@ impl BlockPool {
             let blk = &self.blocks[b.index()];
             let reason = if blk.published {
                 "published"
+            } else if blk.restoring {
+                "restoring: its copy has not landed"
             } else if blk.refcount != 1 {
                 "held by more than one holder"
             } else if blk.tainted {
@@ -276,6 +278,7 @@ impl BlockPool {
             self.free.remove(b);
             self.free.push_back(b);
         }
+        self.on_published(b);
     }
 
     /// Every step up to `epoch` has finished: publish the blocks those steps

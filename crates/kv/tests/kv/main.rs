@@ -11,3 +11,4 @@ mod regression;
 mod salt;
 mod sanitizer;
 mod tier_index;
+mod tiers;
