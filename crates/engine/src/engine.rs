@@ -10,16 +10,17 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, TokenId};
+use strata_kv::{BlockHasher, HashKey, KvCache, PoolConfig, PoolStats, Tier, TierPolicy, TokenId};
 use strata_model::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::executor::{Executor, Runner, Step, StepResult};
 use crate::request::{Request, RequestHandle, RequestId};
 use crate::sanitizer::Sanitizer;
-use crate::scheduler::{Counters, Scheduler, SchedulerConfig};
+use crate::scheduler::{Counters, SchedTiers, Scheduler, SchedulerConfig};
 use crate::session::{self, SessionId, SessionInfo, SharedRegistry};
 use crate::sync::{Arc, Mutex, lock, mpsc as std_mpsc, thread};
+use crate::tiers::{self, Report, TierStats, TierStores};
 
 /// Engine instances, numbered so a session names its model.
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
@@ -127,6 +128,8 @@ enum Msg {
     DestroySession(u64, std_mpsc::Sender<bool>),
     ListSessions(std_mpsc::Sender<Vec<SessionInfo>>),
     Debug(std_mpsc::Sender<String>),
+    /// What the tiers' I/O thread did.
+    Tier(Report),
     Shutdown,
     /// The executor thread panicked (its message).
     ExecutorDied(String),
@@ -186,6 +189,8 @@ pub struct Engine {
     has_tokenizer: bool,
     /// False once the scheduler thread has ended (shut down, or died).
     alive: std::sync::Arc<AtomicBool>,
+    /// What the tiers below the arena did.
+    tier_stats: Arc<Mutex<TierStats>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -197,8 +202,20 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler and executor threads over `runner`.
+    /// Starts the scheduler and executor threads over `runner`, with no
+    /// tiers below the arena.
     pub fn start<R: Runner>(runner: R, config: EngineConfig) -> Result<Self, EngineError> {
+        Self::start_with_tiers(runner, config, None)
+    }
+
+    /// Starts the engine with the host and SSD tiers of `tiers` below the
+    /// arena (its recovered SSD records are found by lookups at once), and
+    /// their I/O thread.
+    pub fn start_with_tiers<R: Runner>(
+        runner: R,
+        config: EngineConfig,
+        tiers: Option<TierStores>,
+    ) -> Result<Self, EngineError> {
         let bs = config.block_size;
         if bs == 0 || config.num_blocks < 2 {
             return Err(EngineError::Config(format!(
@@ -221,18 +238,57 @@ impl Engine {
         } else {
             0
         }));
+        let (tx, rx) = std_mpsc::channel::<Msg>();
+        let tier_stats = Arc::new(Mutex::new(TierStats::default()));
+        let mut threads = Vec::new();
+        let block_bytes = runner.block_bytes();
+        let tiers = tiers.filter(|t| block_bytes > 0 && (t.host.is_some() || t.ssd.is_some()));
+        let (io, sched_tiers) = match tiers {
+            None => (None, None),
+            Some(stores) => {
+                let mut g = cache.lock();
+                g.set_tier_policy(TierPolicy {
+                    write_back: stores.write_back,
+                    write_through: stores.write_through,
+                    min_chain: stores.min_chain,
+                    first_tier: Some(if stores.host.is_some() {
+                        Tier::Host
+                    } else {
+                        Tier::Ssd
+                    }),
+                });
+                if let Some(ssd) = &stores.ssd {
+                    for (hash, parent, tokens) in ssd.blocks() {
+                        g.tiers_mut()
+                            .insert_visible(hash, parent, &tokens, Tier::Ssd);
+                    }
+                }
+                drop(g);
+                let policy = stores.restore_policy;
+                let probe = stores.ssd_probe_ns;
+                let report_tx = tx.clone();
+                let (io, handle) =
+                    tiers::start(stores, block_bytes, tier_stats.clone(), move |r| {
+                        let _ = report_tx.send(Msg::Tier(r));
+                    })
+                    .map_err(|e| EngineError::Config(e.to_string()))?;
+                threads.push(handle);
+                let st = SchedTiers::new(io.clone(), tier_stats.clone(), policy, probe);
+                (Some(io), Some(st))
+            }
+        };
         let mut scheduler = Scheduler::new(
             cache.clone(),
             &config,
             context,
             registry.clone(),
             sanitizer.clone(),
+            sched_tiers,
         );
-        let (tx, rx) = std_mpsc::channel::<Msg>();
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
         let notice = DeathNotice(tx.clone());
-        let mut executor = Executor::new(runner, cache.clone(), sanitizer.clone());
+        let mut executor = Executor::new(runner, cache.clone(), sanitizer.clone(), io);
         let exec = thread::Builder::new()
             .name("strata-executor".into())
             .spawn(move || {
@@ -308,6 +364,7 @@ impl Engine {
                                 scheduler.debug_state()
                             ));
                         }
+                        Some(Msg::Tier(r)) => scheduler.on_tier_report(r),
                         Some(Msg::ListSessions(reply)) => {
                             let _ = reply.send(scheduler.session_infos());
                         }
@@ -363,7 +420,16 @@ impl Engine {
                         }
                     }
                     if stopping && outstanding == 0 && scheduler.live() == 0 {
-                        break;
+                        // Demotions still waiting go out with a last step
+                        // of transfers only (write-through's newest blocks,
+                        // so a restart finds them).
+                        let Ok(Some(step)) = scheduler.plan(false) else {
+                            break;
+                        };
+                        if step_tx.send(step).is_err() {
+                            break;
+                        }
+                        outstanding += 1;
                     }
                 }
             })
@@ -376,7 +442,13 @@ impl Engine {
             context,
             vocab: config.vocab,
             queue_limit: config.queue_limit,
-            threads: vec![sched, exec],
+            threads: {
+                // The I/O thread last: it drains what the executor sent.
+                let mut all = vec![sched, exec];
+                all.append(&mut threads);
+                all
+            },
+            tier_stats,
             sanitizer,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             name: config.model_name.into(),
@@ -410,6 +482,12 @@ impl Engine {
             pool: self.cache.lock().stats(),
             violations: self.sanitizer.violations(),
         }
+    }
+
+    /// What the tiers below the arena hold and did (`None` fields: that
+    /// tier is off).
+    pub fn tier_stats(&self) -> TierStats {
+        lock(&self.tier_stats).clone()
     }
 
     /// The last sanitizer violation's message, if there was one.

@@ -13,12 +13,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use strata_kv::{Access, BlockId, Epoch, Generation, KvCache, PoolGuard, SlotRef, TokenId};
+use strata_kv::{
+    Access, BlockId, Demotion, Epoch, Generation, KvCache, PoolGuard, SlotRef, TokenId,
+};
 use strata_model::{LlamaModel, Logits, Sampled, Sampler, SamplingParams, SeqInput};
 use strata_store::Arena;
 
 use crate::request::RequestId;
 use crate::sanitizer::Sanitizer;
+use crate::tiers::{DemotedBytes, Job, TierIo};
 
 /// What runs the forward pass: the model over its arena, or a test double.
 pub trait Runner: Send + 'static {
@@ -33,6 +36,21 @@ pub trait Runner: Send + 'static {
     /// The requests whose rows the next `forward` call carries, in batch
     /// order (for test doubles that account for outcomes, and diagnostics).
     fn rows(&mut self, _requests: &[RequestId]) {}
+
+    /// Bytes of one block's KV as the tiers store it (0: this runner's KV
+    /// cannot move, and the tiers stay off).
+    fn block_bytes(&self) -> usize {
+        0
+    }
+
+    /// Copies a block's KV out (a demotion).
+    fn read_block(&self, _block: BlockId, _out: &mut Vec<u8>) {}
+
+    /// Overwrites a block's KV with bytes [`Self::read_block`] gave (a
+    /// restore).
+    fn write_block(&mut self, _block: BlockId, _bytes: &[u8]) -> Result<(), String> {
+        Err("this runner's KV cannot be restored".into())
+    }
 }
 
 /// The real model over its KV arena.
@@ -57,6 +75,18 @@ impl Runner for ModelRunner {
 
     fn poison(&mut self, block: BlockId) {
         self.arena.poison(block);
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.arena.layout().block_elems() * 2
+    }
+
+    fn read_block(&self, block: BlockId, out: &mut Vec<u8>) {
+        self.arena.block_bytes(block, out);
+    }
+
+    fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), String> {
+        self.arena.write_block_bytes(block, bytes)
     }
 }
 
@@ -116,6 +146,12 @@ pub(crate) struct Step {
     pub(crate) retire: Vec<RequestId>,
     /// Sanitizer: blocks allocated for this step, to poison first.
     pub(crate) poison: Vec<BlockId>,
+    /// Blocks to copy out to the tiers, before anything else in the step
+    /// (they may be reused by this step).
+    pub(crate) demotions: Vec<Demotion>,
+    /// Restored payloads to copy in, after poisoning and before the
+    /// forward pass that reads them.
+    pub(crate) restores: Vec<(BlockId, Vec<u8>)>,
 }
 
 /// A row of a step that produced no sample.
@@ -140,6 +176,8 @@ pub(crate) struct StepResult {
     pub(crate) nanos: u64,
     /// Of that, time spent waiting for the pool lock.
     pub(crate) lock_wait_nanos: u64,
+    /// Rows (tokens) the forward pass computed.
+    pub(crate) rows: usize,
 }
 
 /// Per-sequence state that lives with the executor.
@@ -154,10 +192,17 @@ pub(crate) struct Executor<R> {
     doomed: HashSet<RequestId>,
     sanitizer: Arc<Sanitizer>,
     lock_wait: u64,
+    /// Where demoted bytes go.
+    io: Option<TierIo>,
 }
 
 impl<R: Runner> Executor<R> {
-    pub(crate) fn new(runner: R, cache: KvCache, sanitizer: Arc<Sanitizer>) -> Self {
+    pub(crate) fn new(
+        runner: R,
+        cache: KvCache,
+        sanitizer: Arc<Sanitizer>,
+        io: Option<TierIo>,
+    ) -> Self {
         Self {
             runner,
             cache,
@@ -166,7 +211,44 @@ impl<R: Runner> Executor<R> {
             doomed: HashSet::new(),
             sanitizer,
             lock_wait: 0,
+            io,
         }
+    }
+
+    /// A step's transfers, in their fixed order: demotions copy out first
+    /// (this step may reuse their blocks), then poison (fresh blocks), then
+    /// restores copy in (so poison never overwrites a restore), all before
+    /// the forward pass that reads them. A restore that cannot be written
+    /// fails the step.
+    fn transfers(
+        &mut self,
+        demotions: &[Demotion],
+        poison: &[BlockId],
+        restores: &[(BlockId, Vec<u8>)],
+    ) -> Result<(), String> {
+        if !demotions.is_empty() {
+            let batch: Vec<DemotedBytes> = demotions
+                .iter()
+                .map(|d| {
+                    let mut bytes = Vec::new();
+                    self.runner.read_block(d.block, &mut bytes);
+                    DemotedBytes {
+                        demotion: d.clone(),
+                        bytes,
+                    }
+                })
+                .collect();
+            if let Some(io) = &self.io {
+                io.send(Job::Demote(batch));
+            }
+        }
+        for &b in poison {
+            self.runner.poison(b);
+        }
+        for (b, bytes) in restores {
+            self.runner.write_block(*b, bytes)?;
+        }
+        Ok(())
     }
 
     /// The sanitizer's check of the rows' accesses against the pool.
@@ -245,10 +327,10 @@ impl<R: Runner> Executor<R> {
             self.last.remove(&seq);
             self.doomed.insert(seq);
         }
-        for &b in &step.poison {
-            self.runner.poison(b);
-        }
-        let outcome = if rows.is_empty() {
+        let moved = self.transfers(&step.demotions, &step.poison, &step.restores);
+        let outcome = if let Err(e) = moved {
+            Err(e)
+        } else if rows.is_empty() {
             Ok(Vec::new())
         } else {
             self.validate(step.epoch, &rows)
@@ -258,6 +340,11 @@ impl<R: Runner> Executor<R> {
         let mut samples = Vec::new();
         let mut scores = Vec::new();
         let epoch = step.epoch;
+        let computed_rows = if outcome.is_ok() {
+            rows.iter().map(|r| r.known.len()).sum()
+        } else {
+            0
+        };
         match outcome {
             Ok(logits) => {
                 let with_logits = rows.iter().filter(|r| r.logits() != Logits::None);
@@ -321,6 +408,7 @@ impl<R: Runner> Executor<R> {
             failed,
             nanos: t0.elapsed().as_nanos() as u64,
             lock_wait_nanos: self.lock_wait,
+            rows: computed_rows,
         }
     }
 

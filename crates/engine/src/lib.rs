@@ -18,6 +18,7 @@ mod scheduler;
 mod session;
 mod sync;
 mod text;
+mod tiers;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use executor::{ModelRunner, Runner};
@@ -27,3 +28,4 @@ pub use request::{
 };
 pub use scheduler::{Counters, SchedulerConfig};
 pub use session::{SessionId, SessionInfo};
+pub use tiers::{TierStats, TierStores};

@@ -14,6 +14,7 @@
 
 mod admission;
 mod plan;
+mod restores;
 mod results;
 mod room;
 mod turns;
@@ -34,6 +35,7 @@ use crate::sanitizer::Sanitizer;
 use crate::session::{Session, SharedRegistry};
 use crate::text::TextState;
 
+pub(crate) use restores::SchedTiers;
 use room::Room;
 
 /// Scored rows per step, all scored prompts together: each returns a
@@ -182,6 +184,8 @@ struct Seq {
     /// Prompt positions whose rows have been planned to score (a row
     /// recomputed after preemption is not scored twice).
     scored: usize,
+    /// Blocks being restored from the tiers: no row until they are read.
+    restore: Option<restores::Restoring>,
 }
 
 impl Seq {
@@ -249,6 +253,8 @@ pub(crate) struct Scheduler {
     promised: usize,
     /// Scored rows the step being planned may still take.
     score_rows: usize,
+    /// The tiers below the arena, if on.
+    tiers: Option<restores::SchedTiers>,
 }
 
 impl Scheduler {
@@ -260,6 +266,7 @@ impl Scheduler {
         context: usize,
         registry: SharedRegistry,
         sanitizer: Arc<Sanitizer>,
+        tiers: Option<SchedTiers>,
     ) -> Self {
         let (hasher, block_size) = {
             let g = cache.lock();
@@ -288,6 +295,7 @@ impl Scheduler {
             handovers: Vec::new(),
             promised: 0,
             score_rows: SCORE_CHUNK,
+            tiers,
         }
     }
 
@@ -408,6 +416,7 @@ impl Scheduler {
                 .map(|t| TextState::new(t.clone(), &req.stop.stop_strings)),
             score: req.prompt_logprobs,
             scored: 0,
+            restore: None,
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
@@ -415,13 +424,20 @@ impl Scheduler {
 
     /// Whether a step could be planned now (without looking at blocks).
     pub(crate) fn has_work(&self) -> bool {
-        self.waiting
-            .iter()
-            .any(|id| !self.seqs[id].waits_to_resume())
+        self.demotions_waiting()
+            || self
+                .waiting
+                .iter()
+                .any(|id| !self.seqs[id].waits_to_resume())
             || self.running.iter().any(|id| {
                 let s = &self.seqs[id];
                 self.plannable(s) && !s.waits_for_reader()
             })
+    }
+
+    /// Whether demotions wait for a step to carry them.
+    fn demotions_waiting(&self) -> bool {
+        self.tiers.is_some() && self.cache.lock().demotions_waiting()
     }
 
     /// Whether a running request is paused for its client to read: the
@@ -445,6 +461,9 @@ impl Scheduler {
     /// it (a row past `max_tokens` would be computed only to be thrown
     /// away, and on 2 cores it would delay the next request).
     fn plannable(&self, s: &Seq) -> bool {
+        if s.restore.as_ref().is_some_and(|r| !r.ready()) {
+            return false;
+        }
         s.computed < s.tokens.len()
             || (s.computed == s.tokens.len()
                 && s.outstanding == 1

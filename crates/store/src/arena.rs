@@ -154,6 +154,35 @@ impl Arena {
         self.data[block.index() * n..(block.index() + 1) * n].reinterpret_cast::<f16>()
     }
 
+    /// A block's bytes (little-endian f16), for a demotion to copy out.
+    pub fn block_bytes(&self, block: BlockId, out: &mut Vec<u8>) {
+        let n = self.layout.block_elems();
+        let src = &self.data[block.index() * n..(block.index() + 1) * n];
+        out.clear();
+        out.reserve(n * 2);
+        for v in src {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// Overwrites a block with `bytes` from [`Self::block_bytes`] (a
+    /// restore). Refuses a payload of another size.
+    pub fn write_block_bytes(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), String> {
+        let n = self.layout.block_elems();
+        if bytes.len() != n * 2 {
+            return Err(format!(
+                "a restore payload of {} bytes for blocks of {}",
+                bytes.len(),
+                n * 2
+            ));
+        }
+        let dst = &mut self.data[block.index() * n..(block.index() + 1) * n];
+        for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+            *d = u16::from_le_bytes([c[0], c[1]]);
+        }
+        Ok(())
+    }
+
     /// Copies the first `slots` slots of every (layer, K|V, head) run of
     /// `src` into `dst` (copy on write of a shared partial block).
     pub fn copy_slots(&mut self, src: BlockId, dst: BlockId, slots: usize) {

@@ -11,7 +11,9 @@
 //! `kv`'s business; this crate moves bytes.
 
 mod arena;
+mod host;
 pub mod ssd;
 
 pub use arena::{Arena, ArenaError, ArenaLayout};
+pub use host::{HostBlock, HostStats, HostStore};
 pub use strata_kv::{BlockId, TokenId};

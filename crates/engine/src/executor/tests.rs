@@ -114,6 +114,8 @@ fn step(seqs: Vec<StepSeq>, poison: Vec<BlockId>) -> Step {
         seqs,
         retire: Vec::new(),
         poison,
+        demotions: Vec::new(),
+        restores: Vec::new(),
     }
 }
 
@@ -121,7 +123,7 @@ fn step(seqs: Vec<StepSeq>, poison: Vec<BlockId>) -> Step {
 fn a_stale_access_fails_the_step_before_the_model_runs() {
     let s = setup(2);
     let probe = Probe::default();
-    let mut ex = Executor::new(probe.clone(), s.cache.clone(), s.sanitizer.clone());
+    let mut ex = Executor::new(probe.clone(), s.cache.clone(), s.sanitizer.clone(), None);
     let good = row(&s, 0);
     let mut stale = row(&s, 1);
     let (b, g, a) = stale.accesses[0];
@@ -151,7 +153,7 @@ fn a_stale_access_fails_the_step_before_the_model_runs() {
 fn fresh_blocks_are_poisoned_before_the_forward_pass() {
     let s = setup(1);
     let probe = Probe::default();
-    let mut ex = Executor::new(probe.clone(), s.cache.clone(), s.sanitizer.clone());
+    let mut ex = Executor::new(probe.clone(), s.cache.clone(), s.sanitizer.clone(), None);
     let r0 = row(&s, 0);
     let b = r0.table[0];
     let r = ex.run(step(vec![r0], vec![b]));
@@ -169,7 +171,7 @@ fn too_few_logits_fail_every_row_of_the_step() {
         short: true,
         ..Probe::default()
     };
-    let mut ex = Executor::new(probe, s.cache.clone(), s.sanitizer.clone());
+    let mut ex = Executor::new(probe, s.cache.clone(), s.sanitizer.clone(), None);
     let r = ex.run(step(vec![row(&s, 0), row(&s, 1)], Vec::new()));
     assert!(
         r.samples.is_empty(),
@@ -194,7 +196,7 @@ fn too_few_logits_fail_every_row_of_the_step() {
 fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
     let s = setup(1);
     let other = setup(1);
-    let mut ex = Executor::new(Probe::default(), s.cache.clone(), s.sanitizer.clone());
+    let mut ex = Executor::new(Probe::default(), s.cache.clone(), s.sanitizer.clone(), None);
     // Step 1: an ordinary row that samples (the executor keeps its token).
     let r = ex.run(step(vec![row(&s, 0)], Vec::new()));
     assert_eq!(r.samples.len(), 1);
@@ -229,6 +231,8 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
         seqs: vec![bad],
         retire: Vec::new(),
         poison: Vec::new(),
+        demotions: Vec::new(),
+        restores: Vec::new(),
     });
     assert!(r.samples.is_empty() && r.failed.len() == 1, "{r:?}");
     // Step 3: its next row, planned before step 2's result.
@@ -238,6 +242,8 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
         seqs: vec![next],
         retire: Vec::new(),
         poison: Vec::new(),
+        demotions: Vec::new(),
+        restores: Vec::new(),
     });
     assert!(
         r.samples.is_empty(),

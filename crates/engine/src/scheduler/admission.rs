@@ -88,6 +88,7 @@ impl Scheduler {
         let carried = sid
             .and_then(|sid| self.sessions.get_mut(&sid))
             .and_then(|x| x.lease.take());
+        let mut restore = None;
         let (lease, hit_blocks, hit_tokens) = match carried {
             Some(lease) => {
                 let t = g.len_tokens(lease.id())?;
@@ -134,24 +135,32 @@ impl Scheduler {
                 if peek.hit.pending.is_some() || room.available_now(g) < want(&peek) {
                     return Ok(Admission::Wait);
                 }
-                let (lease, hit) = g.lookup_and_pin(OwnerTag(id.get()), &seq)?;
+                let max_restore = self.max_restore(g, &seq)?;
+                let (lease, hit, plan) =
+                    g.lookup_and_pin_tiered(OwnerTag(id.get()), &seq, max_restore)?;
                 debug_assert_eq!(hit, peek.hit, "a look and the lookup under one lock agree");
+                restore = self.start_restore(id, plan);
                 (lease, hit.blocks, hit.tokens)
             }
         };
-        let need = blocks - hit_blocks;
+        // Restore targets are in the table already.
+        let have = g.table(lease.id())?.len();
+        let need = blocks - have;
         debug_assert!(need <= g.free_blocks(), "the room was checked");
         g.allocate(&lease, need)?;
         if self.config.sanitize {
             self.fresh
                 .extend_from_slice(&g.table(lease.id())?[hit_blocks..]);
         }
+
         self.counters.prompt_tokens += self.seqs[&id].tokens.len() as u64;
         self.counters.cached_tokens += hit_tokens as u64;
         let s = self.seqs.get_mut(&id).expect("waiting requests exist");
         s.computed = hit_tokens;
         s.lease = Some(lease);
-        if s.cached_tokens.is_none() {
+        let restoring = restore.is_some();
+        s.restore = restore;
+        if s.cached_tokens.is_none() && !restoring {
             s.cached_tokens = Some(hit_tokens);
             let _ = s.events.send(Event::Admitted {
                 cached_tokens: hit_tokens,

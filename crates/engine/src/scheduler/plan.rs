@@ -9,6 +9,10 @@ use strata_kv::{Access, Epoch, KvError, PoolGuard};
 use super::admission::Admission;
 use super::room::Room;
 use super::{Planned, SCORE_CHUNK, Scheduler};
+
+/// Write-through demotions one step carries at most (the rest wait for
+/// the next step); 64 blocks of the default model are about 6 MB.
+const DEMOTIONS_PER_STEP: usize = 64;
 use crate::executor::{Score, Step, StepSeq};
 use crate::request::{FinishReason, RequestId};
 
@@ -109,7 +113,14 @@ impl Scheduler {
             }
         }
         self.promised = room.promised();
-        if seqs.is_empty() && !overlapped {
+        // Taken last: every eviction this plan made is in them, and the
+        // step that carries them is the first that may reuse the blocks.
+        let demotions = if self.tiers.is_some() {
+            g.take_demotions(DEMOTIONS_PER_STEP)
+        } else {
+            Vec::new()
+        };
+        if seqs.is_empty() && !overlapped && demotions.is_empty() {
             // Nothing could run and nothing is in flight: close the epoch
             // now rather than send an empty step (the engine waits for a
             // message before planning again).
@@ -137,6 +148,12 @@ impl Scheduler {
             seqs,
             retire: std::mem::take(&mut self.retire),
             poison: std::mem::take(&mut self.fresh),
+            demotions,
+            restores: self
+                .tiers
+                .as_mut()
+                .map(|t| std::mem::take(&mut t.step_restores))
+                .unwrap_or_default(),
         }))
     }
 
@@ -151,6 +168,14 @@ impl Scheduler {
         budget: usize,
     ) -> Result<Planned, KvError> {
         let bs = self.block_size;
+        let s = &self.seqs[&id];
+        let mut restored = Vec::new();
+        if let Some(r) = &s.restore {
+            if !r.ready() {
+                return Ok(Planned::Later);
+            }
+            restored = self.land_restores(g, id, epoch)?;
+        }
         let s = self.seqs.get_mut(&id).expect("running requests exist");
         let lease = s.lease.as_ref().expect("running requests hold a lease");
         let pending = s.computed == s.tokens.len();
@@ -235,6 +260,7 @@ impl Scheduler {
         let table = g.table(lease.id())?.to_vec();
         let mut accesses = Vec::new();
         if self.config.sanitize {
+            accesses.append(&mut restored);
             let end = (start + n).div_ceil(bs);
             for (j, &b) in table[..end].iter().enumerate() {
                 let access = if j >= start / bs {

@@ -18,6 +18,9 @@ impl Scheduler {
         self.counters.results += 1;
         self.counters.step_nanos += r.nanos;
         self.counters.lock_wait_nanos += r.lock_wait_nanos;
+        if let Some(t) = self.tiers.as_mut() {
+            t.measured_step(r.rows, r.nanos);
+        }
         let t0 = Instant::now();
         for f in r.failed {
             if let Some(s) = self.seqs.get_mut(&f.seq) {

@@ -346,6 +346,7 @@ impl Scheduler {
             g.release(lease)?;
         }
         s.computed = 0;
+        s.restore = None;
         self.running.retain(|&r| r != id);
         let at = self.waiting.partition_point(|&w| w < id);
         self.waiting.insert(at, id);

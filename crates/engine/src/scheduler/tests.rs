@@ -95,6 +95,7 @@ impl Sim {
             context,
             SharedRegistry::default(),
             std::sync::Arc::new(Sanitizer::new(1)),
+            None,
         );
         Self {
             sched,
@@ -243,6 +244,7 @@ impl Sim {
             failed,
             nanos: 0,
             lock_wait_nanos: 0,
+            rows: 0,
         });
     }
 

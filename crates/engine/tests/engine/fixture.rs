@@ -57,8 +57,17 @@ impl Default for Setup {
 }
 
 pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
+    engine_tiered(m, s, None)
+}
+
+/// [`engine`], with tiers below the arena.
+pub(crate) fn engine_tiered(
+    m: &Arc<LlamaModel>,
+    s: Setup,
+    tiers: Option<strata_engine::TierStores>,
+) -> Engine {
     let arena = Arena::new(m.arena_layout(s.blocks, s.block_size)).unwrap();
-    Engine::start(
+    Engine::start_with_tiers(
         ModelRunner::new(m.clone(), arena),
         EngineConfig {
             num_blocks: s.blocks,
@@ -79,6 +88,7 @@ pub(crate) fn engine(m: &Arc<LlamaModel>, s: Setup) -> Engine {
             session_ttl: std::time::Duration::from_secs(3600),
             tokenizer: Some(tokenizer()),
         },
+        tiers,
     )
     .unwrap()
 }

@@ -13,3 +13,4 @@ mod sessions;
 #[cfg(shuttle)]
 mod shuttle;
 mod stress;
+mod tiers;

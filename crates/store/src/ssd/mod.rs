@@ -118,6 +118,9 @@ pub struct SsdStore {
     clock: u64,
     next_id: u64,
     stats: SsdStats,
+    /// Blocks no longer served since the last [`SsdStore::take_dropped`]
+    /// (evicted, corrupt, unreadable), for the tier index.
+    dropped: Vec<BlockHash>,
     /// Held while the store lives: one server per directory.
     _lock: std::fs::File,
 }
@@ -175,6 +178,7 @@ impl SsdStore {
             clock: 0,
             next_id: 0,
             stats: SsdStats::default(),
+            dropped: Vec::new(),
             _lock: lock,
         };
         let recovery = s.recover().map_err(err(&s.records_dir.clone()))?;
@@ -246,7 +250,8 @@ impl SsdStore {
     fn index(&mut self, id: u64, path: PathBuf, bytes: u64, header: Header) {
         for (i, b) in header.blocks.iter().enumerate() {
             // A block in two records (written twice across restarts): the
-            // later record serves it.
+            // later record serves it; the earlier copy is dead weight until
+            // its record goes.
             self.by_block.insert(b.hash, (id, i));
         }
         self.used += bytes;
@@ -270,16 +275,7 @@ impl SsdStore {
         for (i, b) in rec.header.blocks.iter().enumerate() {
             if self.by_block.get(&b.hash) == Some(&(id, i)) {
                 self.by_block.remove(&b.hash);
-                // An older record may hold the block too: it serves again.
-                if let Some((&oid, j)) = self.recs.iter().find_map(|(oid, r)| {
-                    r.header
-                        .blocks
-                        .iter()
-                        .position(|x| x.hash == b.hash)
-                        .map(|j| (oid, j))
-                }) {
-                    self.by_block.insert(b.hash, (oid, j));
-                }
+                self.dropped.push(b.hash);
             }
         }
         self.used -= rec.bytes;
@@ -339,6 +335,35 @@ impl SsdStore {
         self.index(id, path, len, header);
         self.stats.written += 1;
         Ok(true)
+    }
+
+    /// Blocks that stopped being served since the last call (evicted,
+    /// corrupt or unreadable records), for the tier index.
+    pub fn take_dropped(&mut self) -> Vec<BlockHash> {
+        let mut d = std::mem::take(&mut self.dropped);
+        d.retain(|h| !self.by_block.contains_key(h));
+        d
+    }
+
+    /// Every block served, with its exact key: (hash, parent hash,
+    /// tokens), for the tier index at start.
+    pub fn blocks(&self) -> Vec<(BlockHash, BlockHash, Vec<TokenId>)> {
+        let mut out = Vec::with_capacity(self.by_block.len());
+        for (&hash, &(id, i)) in &self.by_block {
+            let h = &self.recs[&id].header;
+            let parent = if i == 0 {
+                h.parent
+            } else {
+                h.blocks[i - 1].hash
+            };
+            out.push((hash, parent, h.blocks[i].tokens.clone()));
+        }
+        out
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
     }
 
     /// Whether the tier holds `hash` (a look, not a hit).
@@ -440,11 +465,6 @@ impl SsdStore {
         for (id, r) in &self.recs {
             if r.header.record_len() as u64 != r.bytes {
                 return Err(format!("record {id}: length disagrees with its header"));
-            }
-            for b in &r.header.blocks {
-                if !self.by_block.contains_key(&b.hash) {
-                    return Err(format!("record {id}: {:?} not indexed", b.hash));
-                }
             }
         }
         Ok(())

@@ -1,0 +1,412 @@
+//! The tiers' I/O thread: the host-RAM and SSD stores live here, and only
+//! here. The executor sends it the bytes that a step's demotions copied out
+//! of the arena; the scheduler sends it the restores a lookup planned. It
+//! reports back, as messages to the scheduler, where each block now lives
+//! (for the tier index) and the restored payloads (for the next step to
+//! copy in). It never touches the pool or its lock, and nothing waits for
+//! it: allocation never waits on I/O, and a slow or failing disk only
+//! makes restores miss.
+//!
+//! ```text
+//!   executor ──Demote(bytes)──►  [strata-tier-io]  ──Located(hash, tier)──► scheduler
+//!   scheduler ──Fetch(keys)───►  host, then SSD    ──Fetched(payloads)────► scheduler
+//! ```
+//!
+//! Where a block goes: to the host tier if there is one, and to the SSD if
+//! there is one; the index records the fastest tier holding it. A block
+//! the host evicts spills to the SSD if the SSD does not have it.
+
+use std::time::Instant;
+
+use strata_kv::{BlockHash, Demotion, Tier, TokenId};
+use strata_store::ssd::{BlockKey, SsdStore};
+use strata_store::{HostBlock, HostStats, HostStore};
+
+use crate::request::RequestId;
+use crate::sync::{Arc, Mutex, lock, mpsc, thread};
+
+/// Blocks per SSD record at most (a run of one chain); 64 blocks of the
+/// default model are about 6 MB.
+const MAX_RUN: usize = 64;
+
+/// The stores below the arena, and how to use them.
+pub struct TierStores {
+    /// The host-RAM tier.
+    pub host: Option<HostStore>,
+    /// The SSD tier (opened, recovered).
+    pub ssd: Option<SsdStore>,
+    /// Demote on eviction (write-back).
+    pub write_back: bool,
+    /// Demote soon after publication (write-through).
+    pub write_through: bool,
+    /// Write-through only for chains of at least this many blocks.
+    pub min_chain: u32,
+    /// Restore a run of blocks only when restoring is estimated faster
+    /// than recomputing it (else always, while the tier serves).
+    pub restore_policy: bool,
+    /// Extra time each SSD read takes (tests of a slow disk).
+    pub ssd_read_delay: std::time::Duration,
+    /// A measured SSD read time per block (ns) to start the policy with.
+    pub ssd_probe_ns: Option<f64>,
+}
+
+impl std::fmt::Debug for TierStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierStores")
+            .field("host", &self.host)
+            .field("ssd", &self.ssd)
+            .field("write_back", &self.write_back)
+            .field("write_through", &self.write_through)
+            .finish()
+    }
+}
+
+/// What the tiers have done, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TierStats {
+    /// The host tier's counters and occupancy.
+    pub host: Option<HostStats>,
+    /// The SSD tier's counters and occupancy.
+    pub ssd: Option<strata_store::ssd::SsdStats>,
+    /// The SSD's capacity.
+    pub ssd_capacity: u64,
+    /// The host tier's capacity.
+    pub host_capacity: u64,
+    /// Bytes copied out of the arena into the tiers.
+    pub bytes_down: u64,
+    /// Bytes restored into the arena.
+    pub bytes_up: u64,
+    /// Blocks restored.
+    pub restored_blocks: u64,
+    /// Restores that stopped at a miss or a bad block (the rest was
+    /// recomputed).
+    pub restore_misses: u64,
+    /// Runs of tier blocks the policy chose to recompute instead.
+    pub recomputed_runs: u64,
+    /// Demoted blocks that no tier took (write failed, or too large).
+    pub demotions_failed: u64,
+    /// Writes refused because the SSD is full of pinned or newer records,
+    /// or its disk reported no space.
+    pub disk_full: u64,
+    /// Restore times, in seconds, per batch of blocks.
+    pub restore_seconds: Vec<f64>,
+    /// Demotion write times, in seconds, per batch.
+    pub demotion_seconds: Vec<f64>,
+}
+
+/// A demoted block's bytes, copied out by the executor.
+pub(crate) struct DemotedBytes {
+    pub(crate) demotion: Demotion,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// A restore to read: the exact key of one block.
+#[derive(Clone, Debug)]
+pub(crate) struct FetchKey {
+    pub(crate) hash: BlockHash,
+    pub(crate) parent: BlockHash,
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) tier: Tier,
+}
+
+pub(crate) enum Job {
+    Demote(Vec<DemotedBytes>),
+    Fetch {
+        id: RequestId,
+        /// Tells this restore from an earlier one of the same request
+        /// (preempted and admitted again).
+        token: u64,
+        keys: Vec<FetchKey>,
+    },
+}
+
+/// What the I/O thread reports to the scheduler.
+pub(crate) enum Report {
+    /// Where blocks now live.
+    Located(Located),
+    /// A restore's payloads, in order, up to the first block that could
+    /// not be served (`complete` false: the rest must be computed).
+    Fetched {
+        id: RequestId,
+        token: u64,
+        payloads: Vec<Vec<u8>>,
+        complete: bool,
+        /// Time per block, per tier it came from, for the policy.
+        nanos: u64,
+        tier: Tier,
+    },
+}
+
+/// The engine's handle on the I/O thread.
+#[derive(Clone)]
+pub(crate) struct TierIo {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl TierIo {
+    pub(crate) fn send(&self, job: Job) {
+        // The thread ends only when the engine does.
+        let _ = self.jobs.send(job);
+    }
+}
+
+/// Where blocks now live (`None`: nowhere below the arena).
+type Located = Vec<(BlockHash, Option<Tier>)>;
+
+/// Starts the I/O thread; reports go to `report`.
+pub(crate) fn start(
+    mut stores: TierStores,
+    block_bytes: usize,
+    stats: Arc<Mutex<TierStats>>,
+    report: impl Fn(Report) + Send + 'static,
+) -> std::io::Result<(TierIo, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    publish_stats(&stores, &stats, |_| {});
+    let handle = thread::Builder::new()
+        .name("strata-tier-io".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                let report_msg = match job {
+                    Job::Demote(batch) => {
+                        let t = Instant::now();
+                        let bytes: u64 = batch.iter().map(|d| d.bytes.len() as u64).sum();
+                        let (located, failed, full) = demote(&mut stores, batch, block_bytes);
+                        let secs = t.elapsed().as_secs_f64();
+                        publish_stats(&stores, &stats, |s| {
+                            s.bytes_down += bytes;
+                            s.demotions_failed += failed;
+                            s.disk_full += full;
+                            s.demotion_seconds.push(secs);
+                        });
+                        Report::Located(located)
+                    }
+                    Job::Fetch { id, token, keys } => {
+                        let t = Instant::now();
+                        let tier = keys.first().map_or(Tier::Ssd, |k| k.tier);
+                        let (payloads, located) = fetch(&mut stores, &keys, block_bytes);
+                        let complete = payloads.len() == keys.len();
+                        let elapsed = t.elapsed();
+                        let got = payloads.len() as u64;
+                        publish_stats(&stores, &stats, |s| {
+                            s.bytes_up += got * block_bytes as u64;
+                            s.restored_blocks += got;
+                            s.restore_misses += !complete as u64;
+                            s.restore_seconds.push(elapsed.as_secs_f64());
+                        });
+                        if !located.is_empty() {
+                            report(Report::Located(located));
+                        }
+                        Report::Fetched {
+                            id,
+                            token,
+                            payloads,
+                            complete,
+                            nanos: elapsed.as_nanos() as u64 / keys.len().max(1) as u64,
+                            tier,
+                        }
+                    }
+                };
+                // The scheduler may be gone (shutting down): the jobs
+                // still queued are written all the same.
+                report(report_msg);
+            }
+        })?;
+    Ok((TierIo { jobs: tx }, handle))
+}
+
+/// Histogram samples kept between scrapes at most (the server drains them).
+const MAX_SAMPLES: usize = 4096;
+
+fn publish_stats(stores: &TierStores, stats: &Mutex<TierStats>, f: impl FnOnce(&mut TierStats)) {
+    let mut s = lock(stats);
+    s.host = stores.host.as_ref().map(HostStore::stats);
+    s.host_capacity = stores.host.as_ref().map_or(0, HostStore::capacity);
+    s.ssd = stores.ssd.as_ref().map(SsdStore::stats);
+    s.ssd_capacity = stores.ssd.as_ref().map_or(0, SsdStore::capacity);
+    f(&mut s);
+    let TierStats {
+        restore_seconds,
+        demotion_seconds,
+        ..
+    } = &mut *s;
+    for v in [restore_seconds, demotion_seconds] {
+        if v.len() > MAX_SAMPLES {
+            let cut = v.len() - MAX_SAMPLES;
+            v.drain(..cut);
+        }
+    }
+}
+
+/// Where `hash` is served from now.
+fn location(stores: &TierStores, hash: BlockHash) -> Option<Tier> {
+    if stores.host.as_ref().is_some_and(|h| h.contains(hash)) {
+        Some(Tier::Host)
+    } else if stores.ssd.as_ref().is_some_and(|s| s.contains(hash)) {
+        Some(Tier::Ssd)
+    } else {
+        None
+    }
+}
+
+/// Writes a batch of demoted blocks; returns where each block (and each
+/// block the stores dropped meanwhile) now lives, the blocks no tier
+/// took, and the SSD writes refused for space.
+fn demote(
+    stores: &mut TierStores,
+    batch: Vec<DemotedBytes>,
+    block_bytes: usize,
+) -> (Located, u64, u64) {
+    let mut touched: Vec<BlockHash> = batch.iter().map(|d| d.demotion.hash).collect();
+    let mut to_ssd: Vec<HostBlock> = Vec::new();
+    let mut full = 0;
+    for d in batch {
+        if d.bytes.len() != block_bytes {
+            continue;
+        }
+        let Demotion {
+            hash,
+            parent,
+            tokens,
+            ..
+        } = d.demotion;
+        if let Some(host) = stores.host.as_mut() {
+            let spilled = host.put(hash, parent, &tokens, d.bytes.clone());
+            for b in spilled.unwrap_or_default() {
+                touched.push(b.hash);
+                to_ssd.push(b);
+            }
+        }
+        to_ssd.push(HostBlock {
+            hash,
+            parent,
+            tokens,
+            payload: d.bytes,
+        });
+    }
+    if let Some(ssd) = stores.ssd.as_mut() {
+        to_ssd.retain(|b| !ssd.contains(b.hash));
+        for run in runs(to_ssd) {
+            let parent = run[0].parent;
+            let keys: Vec<BlockKey> = run
+                .iter()
+                .map(|b| BlockKey {
+                    hash: b.hash,
+                    tokens: b.tokens.clone(),
+                })
+                .collect();
+            let payloads: Vec<&[u8]> = run.iter().map(|b| b.payload.as_slice()).collect();
+            match ssd.put(parent, &keys, &payloads) {
+                Ok(true) => {}
+                Ok(false) => full += 1,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::StorageFull {
+                        full += 1;
+                    }
+                }
+            }
+        }
+        touched.extend(ssd.take_dropped());
+    }
+    touched.sort_unstable_by_key(|h| h.bits());
+    touched.dedup();
+    let located: Located = touched
+        .into_iter()
+        .map(|h| (h, location(stores, h)))
+        .collect();
+    let failed = located.iter().filter(|(_, t)| t.is_none()).count() as u64;
+    (located, failed, full)
+}
+
+/// Splits blocks into runs of one chain each (a block whose parent is the
+/// previous block's hash continues it), at most [`MAX_RUN`] long, so a
+/// record holds consecutive blocks.
+fn runs(blocks: Vec<HostBlock>) -> Vec<Vec<HostBlock>> {
+    use std::collections::HashMap;
+    // Chain order: a child follows its parent. Demotions of one eviction
+    // come tail first, so order them by following parent links.
+    let by_parent: HashMap<BlockHash, usize> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.parent, i))
+        .collect();
+    let hashes: std::collections::HashSet<BlockHash> = blocks.iter().map(|b| b.hash).collect();
+    let mut taken = vec![false; blocks.len()];
+    let mut order: Vec<Vec<usize>> = Vec::new();
+    for i in 0..blocks.len() {
+        // Runs start at a block whose parent is not in the batch.
+        if taken[i] || hashes.contains(&blocks[i].parent) {
+            continue;
+        }
+        let mut run = Vec::new();
+        let mut cur = Some(i);
+        while let Some(c) = cur {
+            if taken[c] {
+                break;
+            }
+            taken[c] = true;
+            run.push(c);
+            if run.len() == MAX_RUN {
+                order.push(std::mem::take(&mut run));
+            }
+            cur = by_parent.get(&blocks[c].hash).copied();
+        }
+        if !run.is_empty() {
+            order.push(run);
+        }
+    }
+    // Anything left (a cycle cannot happen with chain hashes): one each.
+    for (i, t) in taken.iter().enumerate() {
+        if !t {
+            order.push(vec![i]);
+        }
+    }
+    let mut slots: Vec<Option<HostBlock>> = blocks.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .map(|run| {
+            run.into_iter()
+                .map(|i| slots[i].take().expect("each block is in one run"))
+                .collect()
+        })
+        .collect()
+}
+
+/// Reads a restore's blocks in order, stopping at the first that no tier
+/// serves under its exact key (or whose payload has the wrong size).
+fn fetch(
+    stores: &mut TierStores,
+    keys: &[FetchKey],
+    block_bytes: usize,
+) -> (Vec<Vec<u8>>, Located) {
+    let mut out = Vec::with_capacity(keys.len());
+    let mut located = Vec::new();
+    for k in keys {
+        let from_host = stores
+            .host
+            .as_mut()
+            .and_then(|h| h.get(k.hash, k.parent, &k.tokens));
+        let got = from_host.or_else(|| {
+            let ssd = stores.ssd.as_mut()?;
+            if !stores.ssd_read_delay.is_zero() {
+                std::thread::sleep(stores.ssd_read_delay);
+            }
+            ssd.get(k.hash, k.parent, &k.tokens)
+        });
+        if let Some(ssd) = stores.ssd.as_mut() {
+            for h in ssd.take_dropped() {
+                located.push((h, None));
+            }
+        }
+        match got.filter(|b| b.len() == block_bytes) {
+            Some(b) => out.push(b),
+            None => {
+                located.push((k.hash, location(stores, k.hash)));
+                break;
+            }
+        }
+    }
+    for l in &mut located {
+        l.1 = location(stores, l.0);
+    }
+    (out, located)
+}
