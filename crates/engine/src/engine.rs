@@ -20,7 +20,7 @@ use crate::sanitizer::Sanitizer;
 use crate::scheduler::{Counters, SchedTiers, Scheduler, SchedulerConfig};
 use crate::session::{self, SessionId, SessionInfo, SharedRegistry};
 use crate::sync::{Arc, Mutex, lock, mpsc as std_mpsc, thread};
-use crate::tiers::{self, Report, TierStats, TierStores};
+use crate::tiers::{self, Report, TierIo, TierStats, TierStores};
 
 /// Engine instances, numbered so a session names its model.
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
@@ -191,6 +191,7 @@ pub struct Engine {
     alive: std::sync::Arc<AtomicBool>,
     /// What the tiers below the arena did.
     tier_stats: Arc<Mutex<TierStats>>,
+    io: Option<TierIo>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -288,6 +289,7 @@ impl Engine {
         let (step_tx, step_rx) = std_mpsc::channel::<Step>();
         let done_tx = tx.clone();
         let notice = DeathNotice(tx.clone());
+        let io_handle = io.clone();
         let mut executor = Executor::new(runner, cache.clone(), sanitizer.clone(), io);
         let exec = thread::Builder::new()
             .name("strata-executor".into())
@@ -449,6 +451,7 @@ impl Engine {
                 all
             },
             tier_stats,
+            io: io_handle,
             sanitizer,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             name: config.model_name.into(),
@@ -488,6 +491,16 @@ impl Engine {
     /// tier is off).
     pub fn tier_stats(&self) -> TierStats {
         lock(&self.tier_stats).clone()
+    }
+
+    /// Checks the tier stores' invariants once every tier job sent so far
+    /// is done (tests; `Ok` without tiers).
+    pub fn check_tiers(&self) -> Result<(), String> {
+        let Some(io) = &self.io else { return Ok(()) };
+        let (tx, rx) = std_mpsc::channel();
+        io.send(tiers::Job::Check(tx));
+        rx.recv()
+            .unwrap_or(Err("the tier I/O thread has stopped".into()))
     }
 
     /// The last sanitizer violation's message, if there was one.
@@ -657,6 +670,8 @@ impl Engine {
     }
 
     fn stop(&mut self) {
+        // The I/O thread ends once every sender of its jobs is gone.
+        self.io = None;
         let _ = self.tx.send(Msg::Shutdown);
         for t in self.threads.drain(..) {
             let _ = t.join();

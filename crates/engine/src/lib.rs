@@ -28,4 +28,4 @@ pub use request::{
 };
 pub use scheduler::{Counters, SchedulerConfig};
 pub use session::{SessionId, SessionInfo};
-pub use tiers::{TierStats, TierStores};
+pub use tiers::{Histogram, TierStats, TierStores};

@@ -88,10 +88,50 @@ pub struct TierStats {
     /// Writes refused because the SSD is full of pinned or newer records,
     /// or its disk reported no space.
     pub disk_full: u64,
-    /// Restore times, in seconds, per batch of blocks.
-    pub restore_seconds: Vec<f64>,
-    /// Demotion write times, in seconds, per batch.
-    pub demotion_seconds: Vec<f64>,
+    /// Restore times, per restore (a run of blocks).
+    pub restore_seconds: Histogram,
+    /// Demotion write times, per batch (one step's demotions).
+    pub demotion_seconds: Histogram,
+    /// Blocks that left every tier (evicted from the last one holding
+    /// them, or found corrupt).
+    pub dropped: u64,
+}
+
+/// A histogram of durations: counts per bucket (`le` bounds in seconds,
+/// the last bucket unbounded), their sum and count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    /// Counts per bucket, one more than [`Histogram::BOUNDS`].
+    pub counts: Vec<u64>,
+    /// Sum of the samples, in seconds.
+    pub sum: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; Self::BOUNDS.len() + 1],
+            sum: 0.0,
+        }
+    }
+}
+
+impl Histogram {
+    /// Upper bounds of the buckets, in seconds.
+    pub const BOUNDS: [f64; 12] = [
+        1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0,
+    ];
+
+    fn observe(&mut self, secs: f64) {
+        let i = Self::BOUNDS.partition_point(|&b| b < secs);
+        self.counts[i] += 1;
+        self.sum += secs;
+    }
+
+    /// Samples observed.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 /// A demoted block's bytes, copied out by the executor.
@@ -118,6 +158,8 @@ pub(crate) enum Job {
         token: u64,
         keys: Vec<FetchKey>,
     },
+    /// Checks both stores' invariants (tests), after every job before it.
+    Check(mpsc::Sender<Result<(), String>>),
 }
 
 /// What the I/O thread reports to the scheduler.
@@ -172,13 +214,29 @@ pub(crate) fn start(
                         let bytes: u64 = batch.iter().map(|d| d.bytes.len() as u64).sum();
                         let (located, failed, full) = demote(&mut stores, batch, block_bytes);
                         let secs = t.elapsed().as_secs_f64();
+                        let gone = located.iter().filter(|l| l.1.is_none()).count() as u64;
                         publish_stats(&stores, &stats, |s| {
                             s.bytes_down += bytes;
                             s.demotions_failed += failed;
                             s.disk_full += full;
-                            s.demotion_seconds.push(secs);
+                            s.dropped += gone;
+                            s.demotion_seconds.observe(secs);
                         });
                         Report::Located(located)
+                    }
+                    Job::Check(reply) => {
+                        let r = stores
+                            .host
+                            .as_ref()
+                            .map_or(Ok(()), HostStore::check_invariants)
+                            .and_then(|()| {
+                                stores
+                                    .ssd
+                                    .as_ref()
+                                    .map_or(Ok(()), SsdStore::check_invariants)
+                            });
+                        let _ = reply.send(r);
+                        continue;
                     }
                     Job::Fetch { id, token, keys } => {
                         let t = Instant::now();
@@ -187,11 +245,13 @@ pub(crate) fn start(
                         let complete = payloads.len() == keys.len();
                         let elapsed = t.elapsed();
                         let got = payloads.len() as u64;
+                        let gone = located.iter().filter(|l| l.1.is_none()).count() as u64;
                         publish_stats(&stores, &stats, |s| {
                             s.bytes_up += got * block_bytes as u64;
                             s.restored_blocks += got;
                             s.restore_misses += !complete as u64;
-                            s.restore_seconds.push(elapsed.as_secs_f64());
+                            s.dropped += gone;
+                            s.restore_seconds.observe(elapsed.as_secs_f64());
                         });
                         if !located.is_empty() {
                             report(Report::Located(located));
@@ -214,9 +274,6 @@ pub(crate) fn start(
     Ok((TierIo { jobs: tx }, handle))
 }
 
-/// Histogram samples kept between scrapes at most (the server drains them).
-const MAX_SAMPLES: usize = 4096;
-
 fn publish_stats(stores: &TierStores, stats: &Mutex<TierStats>, f: impl FnOnce(&mut TierStats)) {
     let mut s = lock(stats);
     s.host = stores.host.as_ref().map(HostStore::stats);
@@ -224,17 +281,6 @@ fn publish_stats(stores: &TierStores, stats: &Mutex<TierStats>, f: impl FnOnce(&
     s.ssd = stores.ssd.as_ref().map(SsdStore::stats);
     s.ssd_capacity = stores.ssd.as_ref().map_or(0, SsdStore::capacity);
     f(&mut s);
-    let TierStats {
-        restore_seconds,
-        demotion_seconds,
-        ..
-    } = &mut *s;
-    for v in [restore_seconds, demotion_seconds] {
-        if v.len() > MAX_SAMPLES {
-            let cut = v.len() - MAX_SAMPLES;
-            v.drain(..cut);
-        }
-    }
 }
 
 /// Where `hash` is served from now.
@@ -256,7 +302,8 @@ fn demote(
     batch: Vec<DemotedBytes>,
     block_bytes: usize,
 ) -> (Located, u64, u64) {
-    let mut touched: Vec<BlockHash> = batch.iter().map(|d| d.demotion.hash).collect();
+    let demoted: Vec<BlockHash> = batch.iter().map(|d| d.demotion.hash).collect();
+    let mut touched = demoted.clone();
     let mut to_ssd: Vec<HostBlock> = Vec::new();
     let mut full = 0;
     for d in batch {
@@ -313,7 +360,10 @@ fn demote(
         .into_iter()
         .map(|h| (h, location(stores, h)))
         .collect();
-    let failed = located.iter().filter(|(_, t)| t.is_none()).count() as u64;
+    let failed = demoted
+        .iter()
+        .filter(|h| location(stores, **h).is_none())
+        .count() as u64;
     (located, failed, full)
 }
 

@@ -155,6 +155,38 @@ impl Runner for FakeRunner {
     fn rows(&mut self, requests: &[RequestId]) {
         self.rows = requests.to_vec();
     }
+
+    // Its "KV" moves through the tiers as the token ids in the slots, so a
+    // restore of the wrong bytes changes what the rule reads.
+    fn block_bytes(&self) -> usize {
+        self.bs * 4
+    }
+
+    fn read_block(&self, block: BlockId, out: &mut Vec<u8>) {
+        let b = block.index() * self.bs;
+        out.clear();
+        for t in &self.slots[b..b + self.bs] {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+    }
+
+    fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() != self.bs * 4 {
+            return Err(format!(
+                "{} bytes for a block of {}",
+                bytes.len(),
+                self.bs * 4
+            ));
+        }
+        let b = block.index() * self.bs;
+        for (s, c) in self.slots[b..b + self.bs]
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+        {
+            *s = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(())
+    }
 }
 
 /// What a held step does once the test lets it go.

@@ -117,6 +117,49 @@ struct Sess {
 
 #[test]
 fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
+    stress(None);
+}
+
+/// The seed scenario, stressed: the same run with a small host tier and an
+/// SSD tier whose I/O fails and stalls at random, so restores, demotions
+/// and evictions race the steps (and aborts land during restores).
+#[test]
+fn stress_with_tiers_restores_under_in_flight_work_and_stays_exact() {
+    let dir = crate::tiers::TempDir::new("stress");
+    let io = crate::tiers::FlakyIo::new(0.05, 13);
+    let ssd = strata_store::ssd::SsdStore::open(
+        strata_store::ssd::SsdConfig {
+            dir: dir.0.clone(),
+            capacity: 64 * 1024,
+            fingerprint: b"fake".to_vec(),
+            sync: false,
+        },
+        std::sync::Arc::new(io),
+    )
+    .unwrap()
+    .0;
+    let t = stress(Some(strata_engine::TierStores {
+        // Twelve blocks of the fake's 16 bytes (with their keys).
+        host: Some(strata_store::HostStore::new(12 * 48)),
+        ssd: Some(ssd),
+        write_back: true,
+        write_through: true,
+        min_chain: 2,
+        restore_policy: false,
+        ssd_read_delay: std::time::Duration::ZERO,
+        ssd_probe_ns: None,
+    }))
+    .expect("tiers were on");
+    eprintln!("stress tiers: {t:?}");
+    assert!(t.restored_blocks > 0 && t.restore_misses > 0, "{t:?}");
+    let host = t.host.unwrap();
+    assert!(host.bytes <= 12 * 48 && host.evictions > 0, "{host:?}");
+    let ssd = t.ssd.unwrap();
+    assert!(ssd.bytes <= 64 * 1024 && ssd.write_failures > 0, "{ssd:?}");
+}
+
+fn stress(tiers: Option<strata_engine::TierStores>) -> Option<strata_engine::TierStats> {
+    let tiered = tiers.is_some();
     let steps: u64 = std::env::var("STRATA_STRESS_STEPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -127,7 +170,7 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
     runner.max_delay = 2_000;
     let failures = runner.failures.clone();
     let calls = runner.failed_calls.clone();
-    let engine = Engine::start(runner, fake::config(blocks, bs, 24, 10)).unwrap();
+    let engine = Engine::start_with_tiers(runner, fake::config(blocks, bs, 24, 10), tiers).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let prefixes: Vec<Vec<TokenId>> = (0..4)
         .map(|k| {
@@ -389,6 +432,10 @@ fn stress_random_traffic_keeps_every_output_exact_and_the_pool_whole() {
         c.overlapped_steps * 2 > c.steps,
         "most steps overlap under load: {c:?}"
     );
+    // The tiers are whole too: their accounting, their bounds, no pin left.
+    engine.check_tiers().unwrap();
+    assert_eq!(engine.cache().lock().tiers().pins(), 0);
+    tiered.then(|| engine.tier_stats())
 }
 
 /// A session's turn ended: a completed one extends the conversation; an

@@ -19,10 +19,10 @@ use strata_store::ssd::{RealIo, SsdConfig, SsdStore};
 
 use crate::fixture::{Setup, assert_whole, engine_tiered, greedy, model, outcome, prompt, solo};
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
             "strata-engine-tiers-{name}-{}-{}",
@@ -37,6 +37,57 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real file system, with each write, rename and read failing at
+/// random (`rate`), and reads now and then slow: a disk that errs.
+pub(crate) struct FlakyIo {
+    rate: f64,
+    rng: std::sync::Mutex<rand_chacha::ChaCha8Rng>,
+}
+
+impl FlakyIo {
+    pub(crate) fn new(rate: f64, seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self {
+            rate,
+            rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+
+    fn roll(&self) -> std::io::Result<()> {
+        use rand::Rng;
+        let mut r = self.rng.lock().unwrap();
+        if r.random_bool(0.02) {
+            std::thread::sleep(std::time::Duration::from_micros(r.random_range(0..300)));
+        }
+        if r.random_bool(self.rate) {
+            Err(std::io::Error::other("injected I/O error"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl strata_store::ssd::Io for FlakyIo {
+    fn write_new(&self, path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+        self.roll()?;
+        RealIo.write_new(path, bytes, sync)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.roll()?;
+        RealIo.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        RealIo.remove(path)
+    }
+    fn read_at(&self, path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.roll()?;
+        RealIo.read_at(path, at, len)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+        RealIo.list(dir)
     }
 }
 
