@@ -13,7 +13,8 @@ wait_health() {
   exit 1
 }
 start_strata() { # `strata serve` (release), fresh
-  "${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" \
+  # No SSD tier: "fresh" means cold, not restored from an earlier run.
+  "${CARGO_TARGET_DIR:-target}/release/strata" serve --model "$model" --threads "$threads" --ssd-cache-size 0 \
     --port "$port" >/dev/null 2>&1 &
   server=$!
   wait_health

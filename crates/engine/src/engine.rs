@@ -180,7 +180,7 @@ pub struct Engine {
     context: usize,
     vocab: usize,
     queue_limit: usize,
-    threads: Vec<thread::JoinHandle<()>>,
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
     sanitizer: std::sync::Arc<Sanitizer>,
     instance: u64,
     name: Arc<str>,
@@ -191,7 +191,7 @@ pub struct Engine {
     alive: std::sync::Arc<AtomicBool>,
     /// What the tiers below the arena did.
     tier_stats: Arc<Mutex<TierStats>>,
-    io: Option<TierIo>,
+    io: Mutex<Option<TierIo>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -444,14 +444,14 @@ impl Engine {
             context,
             vocab: config.vocab,
             queue_limit: config.queue_limit,
-            threads: {
+            threads: Mutex::new({
                 // The I/O thread last: it drains what the executor sent.
                 let mut all = vec![sched, exec];
                 all.append(&mut threads);
                 all
-            },
+            }),
             tier_stats,
-            io: io_handle,
+            io: Mutex::new(io_handle),
             sanitizer,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             name: config.model_name.into(),
@@ -496,9 +496,11 @@ impl Engine {
     /// Checks the tier stores' invariants once every tier job sent so far
     /// is done (tests; `Ok` without tiers).
     pub fn check_tiers(&self) -> Result<(), String> {
-        let Some(io) = &self.io else { return Ok(()) };
         let (tx, rx) = std_mpsc::channel();
-        io.send(tiers::Job::Check(tx));
+        match lock(&self.io).as_ref() {
+            Some(io) => io.send(tiers::Job::Check(tx)),
+            None => return Ok(()),
+        }
         rx.recv()
             .unwrap_or(Err("the tier I/O thread has stopped".into()))
     }
@@ -665,15 +667,20 @@ impl Engine {
 
     /// Aborts what is running, waits for the steps in flight, and stops the
     /// threads.
-    pub fn shutdown(mut self) {
-        self.stop();
+    pub fn shutdown(self) {
+        self.close();
     }
 
-    fn stop(&mut self) {
+    /// Stops the engine where it is shared: aborts what runs, writes the
+    /// demotions still waiting, ends its threads (the tiers' stores close,
+    /// and the SSD directory's lock is released). Idempotent; later
+    /// requests get [`EngineError::Stopped`].
+    pub fn close(&self) {
         // The I/O thread ends once every sender of its jobs is gone.
-        self.io = None;
+        lock(&self.io).take();
         let _ = self.tx.send(Msg::Shutdown);
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -681,6 +688,6 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.stop();
+        self.close();
     }
 }

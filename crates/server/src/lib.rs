@@ -5,6 +5,7 @@
 //! (`main.rs`) parses the command line and calls [`Server::start`]; tests
 //! start servers in-process the same way, on port 0.
 
+pub mod cache_cmd;
 pub mod cli;
 
 mod api;
@@ -13,6 +14,7 @@ mod listen;
 mod metrics;
 mod openai;
 mod state;
+mod tiers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,11 +54,12 @@ impl Server {
         let cache_dir = strata_model::default_model::cache_dir();
         let hash_key = state::hash_key(&cache_dir)?;
         let stats = Arc::new(OnceLock::new());
+        let tier_stats: metrics::TierSource = Arc::new(OnceLock::new());
         let state = Arc::new(AppState::new(
             args.clone(),
             keys,
             hash_key.clone(),
-            metrics::Metrics::new(stats.clone()),
+            metrics::Metrics::new(stats.clone(), tier_stats.clone()),
         ));
         let (stop, stopped) = watch::channel(false);
         let app = api::router(state.clone());
@@ -118,6 +121,9 @@ impl Server {
                     let reader = loaded.clone();
                     let _ = stats.set(Box::new(move || reader.engine.stats())
                         as Box<dyn Fn() -> strata_engine::EngineStats + Send + Sync>);
+                    let reader = loaded.clone();
+                    let _ = tier_stats.set(Box::new(move || reader.engine.tier_stats())
+                        as Box<dyn Fn() -> strata_engine::TierStats + Send + Sync>);
                     let _ = loading.loaded.set(loaded);
                     Ok(())
                 })();
@@ -166,13 +172,18 @@ impl Server {
     pub async fn shutdown(mut self, grace: Duration) {
         self.state.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        if tokio::time::timeout(grace, &mut self.serve).await.is_ok() {
-            return;
+        if tokio::time::timeout(grace, &mut self.serve).await.is_err() {
+            tracing::warn!("grace period over: aborting the requests still running");
+            if let Some(l) = self.state.loaded.get() {
+                l.engine.abort_all();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.serve).await;
         }
-        tracing::warn!("grace period over: aborting the requests still running");
+        // The engine writes the demotions still waiting and closes its
+        // tiers (the SSD directory's lock goes with them).
         if let Some(l) = self.state.loaded.get() {
-            l.engine.abort_all();
+            let l = l.clone();
+            let _ = tokio::task::spawn_blocking(move || l.engine.close()).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.serve).await;
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! `strata serve` serves a model (the default one with no arguments) over
 //! the OpenAI-compatible HTTP API on 127.0.0.1; `strata fetch-model` only
-//! fetches the default model. See `strata --help`.
+//! fetches the default model; `strata cache` looks at the SSD tier. See
+//! `strata --help`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,6 +29,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve(args) => serve(*args),
+        Command::Cache(cmd) => match strata_server::cache_cmd::run(&cmd) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("strata: {e}");
+                if !e.ends_with('\n') {
+                    eprintln!();
+                }
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

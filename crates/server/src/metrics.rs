@@ -16,6 +16,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use strata_engine::EngineStats;
 
+mod tiers;
+
+pub(crate) use tiers::TierSource;
+
 /// The label of `vllm:request_success`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct Reason {
@@ -211,7 +215,7 @@ impl Collector for EngineCollector {
 
 impl Metrics {
     /// The metrics of one server; `stats` is set once the model is loaded.
-    pub(crate) fn new(stats: StatsSource) -> Self {
+    pub(crate) fn new(stats: StatsSource, tiers: TierSource) -> Self {
         let mut registry = Registry::default();
         let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
         let ttft = latency();
@@ -257,6 +261,7 @@ impl Metrics {
             generation_tokens.clone(),
         );
         registry.register_collector(Box::new(EngineCollector(stats)));
+        registry.register_collector(Box::new(tiers::TierCollector(tiers)));
         Self {
             registry,
             ttft,

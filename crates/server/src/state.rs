@@ -352,7 +352,8 @@ pub(crate) fn load(
             .unwrap_or_else(|| "model".into())
     });
     let vocab = cfg.vocab;
-    let engine = Engine::start(
+    let tiers = crate::tiers::open(args, &model.fingerprint(bs))?;
+    let engine = Engine::start_with_tiers(
         ModelRunner::new(model.clone(), arena),
         EngineConfig {
             num_blocks: blocks,
@@ -373,6 +374,7 @@ pub(crate) fn load(
             session_ttl: args.session_ttl,
             tokenizer: Some(tokenizer.clone()),
         },
+        tiers,
     )
     .map_err(|e| e.to_string())?;
     let sizing = Sizing {
@@ -417,7 +419,7 @@ mod tests {
             admin: None,
             metrics: None,
         };
-        let metrics = Metrics::new(Arc::default());
+        let metrics = Metrics::new(Arc::default(), Arc::default());
         AppState::new(args, keys, HashKey::from_bytes([1; 32]), metrics)
     }
 

@@ -407,7 +407,7 @@ fn a_model_that_fails_to_load_says_why_and_health_stays_503() {
     ];
     let args = match <strata_server::cli::Cli as clap::Parser>::parse_from(argv).command {
         strata_server::cli::Command::Serve(a) => *a,
-        strata_server::cli::Command::FetchModel => unreachable!(),
+        _ => unreachable!(),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut server = rt

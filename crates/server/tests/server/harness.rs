@@ -92,10 +92,15 @@ impl TestServer {
 
     fn start(flags: &[&str]) -> Self {
         let mut argv = vec!["strata", "serve", "--host", "127.0.0.1", "--port", "0"];
+        if !flags.contains(&"--ssd-cache-size") {
+            // Tests share the user's cache directory: no SSD tier there,
+            // unless a test names its own directory.
+            argv.extend_from_slice(&["--ssd-cache-size", "0"]);
+        }
         argv.extend_from_slice(flags);
         let args = match <Cli as clap::Parser>::parse_from(argv).command {
             Command::Serve(a) => *a,
-            Command::FetchModel => unreachable!(),
+            _ => unreachable!(),
         };
         let key = args.api_keys.first().cloned();
         let rt = tokio::runtime::Builder::new_multi_thread()

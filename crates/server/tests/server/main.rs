@@ -10,3 +10,4 @@ mod hostile;
 mod load;
 mod real;
 mod slow;
+mod tiers;

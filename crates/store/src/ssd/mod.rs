@@ -15,6 +15,7 @@
 //! and the engine's choice. It holds no lock of its own; its owner (the
 //! engine's I/O thread) calls it from one thread.
 
+mod inspect;
 mod io;
 mod record;
 
@@ -24,8 +25,11 @@ use std::sync::Arc;
 
 use strata_kv::{BlockHash, TokenId};
 
+pub use inspect::{Inspection, clear, inspect};
 pub use io::{Io, RealIo};
-pub use record::{BlockKey, Header, MAGIC, RecordError, VERSION, decode_header, encode};
+pub use record::{
+    BlockKey, Header, MAGIC, RecordError, VERSION, decode_header, decode_header_any, encode,
+};
 
 /// Why the SSD tier cannot open its directory.
 #[derive(Debug, thiserror::Error)]

@@ -203,6 +203,16 @@ pub(super) fn header_len(start: &[u8]) -> Result<usize, RecordError> {
 /// Reads and verifies a header (`bytes` holds at least the header) made
 /// for `fingerprint`.
 pub fn decode_header(bytes: &[u8], fingerprint: &[u8]) -> Result<Header, RecordError> {
+    decode(bytes, Some(fingerprint)).map(|(h, _)| h)
+}
+
+/// Reads and verifies a header made for any model, with its fingerprint
+/// (inspection tools: `strata cache stats|verify`).
+pub fn decode_header_any(bytes: &[u8]) -> Result<(Header, Vec<u8>), RecordError> {
+    decode(bytes, None)
+}
+
+fn decode(bytes: &[u8], fingerprint: Option<&[u8]>) -> Result<(Header, Vec<u8>), RecordError> {
     let len = header_len(bytes)?;
     if bytes.len() < len {
         return Err(RecordError::Malformed("the header is cut short".into()));
@@ -213,7 +223,8 @@ pub fn decode_header(bytes: &[u8], fingerprint: &[u8]) -> Result<Header, RecordE
     }
     let mut r = Reader { b: body, at: 16 };
     let fp_len = r.u32()? as usize;
-    if r.take(fp_len)? != fingerprint {
+    let fp = r.take(fp_len)?.to_vec();
+    if fingerprint.is_some_and(|f| f != fp) {
         return Err(RecordError::OtherModel);
     }
     let block_tokens = r.u32()? as usize;
@@ -237,12 +248,15 @@ pub fn decode_header(bytes: &[u8], fingerprint: &[u8]) -> Result<Header, RecordE
     if r.at != body.len() {
         return Err(RecordError::Malformed("bytes left in the header".into()));
     }
-    Ok(Header {
-        parent,
-        block_tokens,
-        block_bytes,
-        blocks,
-        sums,
-        payload_at: len,
-    })
+    Ok((
+        Header {
+            parent,
+            block_tokens,
+            block_bytes,
+            blocks,
+            sums,
+            payload_at: len,
+        },
+        fp,
+    ))
 }

@@ -1,0 +1,99 @@
+//! The SSD tier over HTTP: a long prompt served, the server stopped and
+//! started again on the same directory, and the same prompt reports every
+//! block but the capped last one cached, with the same greedy output; one
+//! server per directory; the tier's metrics; `strata cache` on it.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::harness::TestServer;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("strata-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn long_prompt() -> String {
+    (0..12)
+        .map(|i| format!("line {i} of a long shared system prompt"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn complete(s: &TestServer) -> (String, u64, u64) {
+    let r = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": long_prompt(), "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let u = &v["usage"];
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_restart_on_the_same_directory_hits_every_block_and_answers_the_same() {
+    let dir = TempDir::new("restart");
+    let flags = ["--ssd-cache-dir", dir.path(), "--ssd-cache-size", "64MiB"];
+    let s = TestServer::tiny(&flags);
+    let (cold, prompt, cached) = complete(&s);
+    assert_eq!(cached, 0, "a fresh directory holds nothing");
+    let m = s.get("/metrics").body;
+    assert!(m.contains("strata:tier_bytes{tier=\"ssd\"}"), "{m}");
+    // One server per directory: a second one named here refuses.
+    let second = std::panic::catch_unwind(|| TestServer::tiny(&flags)).map(drop);
+    let why = second.expect_err("a second server on a held directory must refuse");
+    let why = why.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(why.contains("in use by another Strata server"), "{why}");
+    drop(s);
+    let stats = strata_server::cache_cmd::run(&strata_server::cli::CacheCommand::Verify {
+        dir: Some(dir.0.clone()),
+    })
+    .unwrap();
+    assert!(stats.contains("ok: every record verifies"), "{stats}");
+    let s = TestServer::tiny(&flags);
+    let (warm, prompt2, cached) = complete(&s);
+    assert_eq!(prompt2, prompt);
+    assert_eq!(
+        cached,
+        (prompt - 1) / 4 * 4,
+        "every block but the capped last one"
+    );
+    assert_eq!(warm, cold, "the restored KV answers as the cold run did");
+    let m = s.get("/metrics").body;
+    let restored = m
+        .lines()
+        .find_map(|l| l.strip_prefix("strata:tier_restored_blocks_total "))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(restored.parse::<f64>().unwrap() >= ((prompt - 1) / 4) as f64);
+    drop(s);
+    let cleared = strata_server::cache_cmd::run(&strata_server::cli::CacheCommand::Clear {
+        dir: Some(dir.0.clone()),
+    })
+    .unwrap();
+    assert!(cleared.contains("removed"), "{cleared}");
+    let s = TestServer::tiny(&flags);
+    assert_eq!(complete(&s).2, 0, "a cleared directory holds nothing");
+}
