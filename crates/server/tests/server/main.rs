@@ -7,6 +7,7 @@ mod api;
 mod errors;
 mod harness;
 mod hostile;
+mod kill9;
 mod load;
 mod real;
 mod slow;
