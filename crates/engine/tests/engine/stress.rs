@@ -156,6 +156,13 @@ fn stress_with_tiers_restores_under_in_flight_work_and_stays_exact() {
     assert!(host.bytes <= 12 * 48 && host.evictions > 0, "{host:?}");
     let ssd = t.ssd.unwrap();
     assert!(ssd.bytes <= 64 * 1024 && ssd.write_failures > 0, "{ssd:?}");
+    // Measured on disk, not only in the store's accounting.
+    let on_disk: u64 = std::fs::read_dir(dir.0.join("records"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(on_disk <= 64 * 1024, "{on_disk} bytes on disk");
+    assert_eq!(on_disk, ssd.bytes, "the accounting is what the disk holds");
 }
 
 fn stress(tiers: Option<strata_engine::TierStores>) -> Option<strata_engine::TierStats> {

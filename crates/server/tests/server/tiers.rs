@@ -97,3 +97,49 @@ fn a_restart_on_the_same_directory_hits_every_block_and_answers_the_same() {
     let s = TestServer::tiny(&flags);
     assert_eq!(complete(&s).2, 0, "a cleared directory holds nothing");
 }
+
+fn chat(s: &TestServer, messages: &serde_json::Value) -> (String, u64, u64) {
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let u = &v["usage"];
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_conversation_resent_after_a_restart_hits_its_earlier_turns() {
+    let dir = TempDir::new("conversation");
+    let flags = ["--ssd-cache-dir", dir.path(), "--ssd-cache-size", "64MiB"];
+    let first = json!([
+        {"role": "system", "content": "you answer questions about the weather, briefly and kindly"},
+        {"role": "user", "content": "what is the weather like today in the mountains?"}
+    ]);
+    let s = TestServer::tiny(&flags);
+    let (answer, turn1, _) = chat(&s, &first);
+    drop(s);
+    let mut second = first.as_array().unwrap().clone();
+    second.push(json!({"role": "assistant", "content": answer}));
+    second.push(json!({"role": "user", "content": "and tomorrow?"}));
+    let s = TestServer::tiny(&flags);
+    let (_, turn2, cached) = chat(&s, &json!(second));
+    assert!(turn2 > turn1);
+    // The first turn's prompt, all but its partial last block, comes from
+    // the SSD (the template may end the first prompt with tokens the next
+    // one replaces, so allow one block less).
+    assert!(
+        cached >= (turn1 - 1) / 4 * 4 - 4,
+        "cached {cached} of a first turn of {turn1} tokens"
+    );
+}

@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use strata_kv::{BlockHash, TokenId};
 use strata_store::ssd::{BlockKey, Io, RealIo, SsdConfig, SsdError, SsdStore};
 
-const FP: &[u8] = b"test-model;kv=f16;block-size=4";
+pub(crate) const FP: &[u8] = b"test-model;kv=f16;block-size=4";
 const BLOCK: usize = 256;
 
 /// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
             "strata-ssd-{name}-{}-{}",
@@ -33,7 +33,7 @@ impl Drop for TempDir {
     }
 }
 
-fn config(dir: &Path, capacity: u64) -> SsdConfig {
+pub(crate) fn config(dir: &Path, capacity: u64) -> SsdConfig {
     SsdConfig {
         dir: dir.to_path_buf(),
         capacity,
@@ -42,14 +42,14 @@ fn config(dir: &Path, capacity: u64) -> SsdConfig {
     }
 }
 
-fn open(dir: &Path, capacity: u64) -> SsdStore {
+pub(crate) fn open(dir: &Path, capacity: u64) -> SsdStore {
     let (s, _) = SsdStore::open(config(dir, capacity), Arc::new(RealIo)).unwrap();
     s.check_invariants().unwrap();
     s
 }
 
 /// Chain `c`'s block `i`: a hash, its tokens, its parent, its payload.
-fn block(c: u32, i: u32) -> (BlockKey, BlockHash, Vec<u8>) {
+pub(crate) fn block(c: u32, i: u32) -> (BlockKey, BlockHash, Vec<u8>) {
     let hash = |i: u32| BlockHash::from_bits(((c as u128) << 64) | (i as u128 + 1));
     let parent = if i == 0 {
         BlockHash::from_bits(c as u128)
@@ -82,7 +82,7 @@ fn put(s: &mut SsdStore, c: u32, from: u32, to: u32) -> std::io::Result<bool> {
 
 /// What the tier serves for chain `c`'s block `i`: exactly its payload,
 /// or nothing.
-fn get(s: &mut SsdStore, c: u32, i: u32) -> Option<Vec<u8>> {
+pub(crate) fn get(s: &mut SsdStore, c: u32, i: u32) -> Option<Vec<u8>> {
     let (key, parent, payload) = block(c, i);
     let got = s.get(key.hash, parent, &key.tokens);
     s.check_invariants().unwrap();
@@ -92,7 +92,7 @@ fn get(s: &mut SsdStore, c: u32, i: u32) -> Option<Vec<u8>> {
     got
 }
 
-fn record_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn record_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("records"))
         .unwrap()
         .map(|e| e.unwrap().path())
