@@ -17,6 +17,7 @@ files=(
   crates/kv/src/block_pool/checks.rs
   crates/kv/src/kv_cache.rs
   crates/kv/src/tier_index.rs
+  crates/kv/src/block_pool/tiers.rs
   crates/engine/src/executor.rs
   crates/engine/src/scheduler.rs
   crates/engine/src/scheduler/plan.rs
@@ -24,6 +25,9 @@ files=(
   crates/engine/src/scheduler/admission.rs
   crates/engine/src/scheduler/room.rs
   crates/engine/src/scheduler/turns.rs
+  crates/engine/src/scheduler/restores.rs
+  crates/engine/src/tiers.rs
+  crates/store/src/host.rs
   crates/store/src/ssd/mod.rs
   crates/store/src/ssd/record.rs
 )
@@ -50,17 +54,23 @@ plants=(
   "reclaim before publishing (LRU order)|crates/kv/src/block_pool/writes.rs|s/(            for &\(b, g\) in &bucket\.written \{\n                self\.publish\(b, g\);\n            \}\n)(            self\.reclaim\(e, &bucket\.released\);\n)/\$2\$1/"
   "resolve another pool's slot|crates/kv/src/block_pool/writes.rs|s/if slot\.pool != self\.id \{/if false {/"
   "let a step write into a shared block|crates/kv/src/block_pool/checks.rs|s/\} else if access == Access::Write && blk\.refcount > 1 \{/} else if false {/"
-  "let a step read a failed step's block|crates/kv/src/block_pool/checks.rs|s/\} else if blk\.tainted \{\n                \"written by a failed step\"\n            \} else if access == Access::Write && blk\.published/} else if false {\n                \"written by a failed step\"\n            } else if access == Access::Write \&\& blk.published/"
+  "let a step read a failed step's block|crates/kv/src/block_pool/checks.rs|s/\} else if blk\.tainted \{\n                \"written by a failed step\"/} else if false {\n                \"written by a failed step\"/"
   "truncation keeps a failed step's blocks|crates/kv/src/block_pool/release.rs|s/            if blk\.tainted \{\n                keep = keep\.min\(i \* bs\);/            if false {\n                keep = keep.min(i * bs);/"
   "truncation keeps a cut block's generation|crates/kv/src/block_pool/release.rs|s/                blk\.unknown = 0;\n                blk\.generation\.bump\(\);/                blk.unknown = 0;/"
   "drop the rest of the release queue|crates/kv/src/kv_cache.rs|s/lock\(&self\.shared\.released\)\.pop_front\(\)/lock(\&self.shared.released).drain(..).next()/"
   "find a tier entry still landing|crates/kv/src/tier_index.rs|s/e\.state == Landing::Visible && !e\.doomed && e\.parent == parent/!e.doomed \&\& e.parent == parent/"
   "find a tier entry under another key|crates/kv/src/tier_index.rs|s/&& e\.parent == parent && e\.tokens == tokens/\&\& e.parent == parent/"
+  "restore targets are not marked restoring|crates/kv/src/block_pool/tiers.rs|s/            blk\.restoring = true;/            let _ = \&blk;/; s/debug_assert!\(blk\.restoring, \"\{:\?\} was restoring\", o\.block\);//"
+  "a second request restores its own copy|crates/kv/src/block_pool/tiers.rs|s/            self\.pending\.insert\(hash, \(b, generation\)\);//"
+  "a failed restore keeps its tier entry|crates/kv/src/block_pool/tiers.rs|s/        let _ = self\.tier_index\.restore_failed\(failed\[0\]\.hash\);//"
+  "a released holder keeps its tier pins|crates/kv/src/block_pool/release.rs|s/        self\.abandon_restores\(h\);\n        let holder = &mut self\.holders/        let holder = \&mut self.holders/"
+  "write-through ignores the wear rule|crates/kv/src/block_pool/tiers.rs|s/if self\.blocks\[b\.index\(\)\]\.depth \+ 1 < min \{/if false {/"
+  "write-back forgets evicted blocks|crates/kv/src/block_pool/tiers.rs|s/if self\.tier_policy\.on\(\) && self\.tier_policy\.write_back \{/if false {/"
   "evict a pinned tier entry at once|crates/kv/src/tier_index.rs|s/if e\.pins == 0 && e\.state == Landing::Visible \{/if e.state == Landing::Visible {/"
   # The engine.
   "the executor's validation always passes|crates/engine/src/executor.rs|s/rows\.iter\(\)\.try_for_each\(\|r\| g\.validate\(epoch, &r\.accesses\)\)/rows.iter().try_for_each(|_| Ok::<(), strata_kv::KvError>(()))/"
   "no accesses recorded|crates/engine/src/scheduler/plan.rs|s/let mut accesses = Vec::new\(\);\n        if self\.config\.sanitize \{/let mut accesses = Vec::new();\n        if false {/"
-  "poisoning skipped|crates/engine/src/executor.rs|s/for &b in &step\.poison \{\n            self\.runner\.poison\(b\);/for \&b in \&step.poison {\n            let _ = b;/"
+  "poisoning skipped|crates/engine/src/executor.rs|s/for &b in poison \{\n            self\.runner\.poison\(b\);/for \&b in poison {\n            let _ = b;/"
   "ignore a pending hit (compute a block another request is filling)|crates/engine/src/scheduler/admission.rs|s/if peek\.hit\.pending\.is_some\(\) \{/if false {/; s/if peek\.hit\.pending\.is_some\(\) \|\| /if /"
   "preempt every running request|crates/engine/src/scheduler/room.rs|s/            if gain\(g, &chosen\)\? >= short \{\n                break;\n            \}\n            chosen\.push\(giver\);/            chosen.push(giver);/; s/if gain\(g, &without\)\? >= short \{/if false {/"
   "unpin every idle session|crates/engine/src/scheduler/room.rs|s/if gain\(g, &chosen\)\? >= short \{/if gain(g, \&chosen)? >= short \&\& !matches!(giver, Giver::Session(..)) {/; s/if gain\(g, &without\)\? >= short \{/if gain(g, \&without)? >= short \&\& !matches!(chosen[k], Giver::Session(..)) {/"
@@ -76,6 +86,16 @@ plants=(
   "a scored prompt takes prefix hits|crates/engine/src/scheduler/admission.rs|s/None if s\.scoring\(\) => \{/None if false => {/"
   "admit the line's front after a paused request joined it|crates/engine/src/scheduler/plan.rs|s/            self\.waiting\.retain\(\|&w\| w != id\);/            self.waiting.pop_front();/"
   "paused requests never give way|crates/engine/src/scheduler/room.rs|s/s\.waits_for_reader\(\) && self\.plannable\(s\) && !in_step/false \&\& !in_step/"
+  "demotions copy out after poisoning|crates/engine/src/executor.rs|s/(        if !demotions\.is_empty\(\) \{.*?\n        \}\n)(        for &b in poison \{\n            self\.runner\.poison\(b\);\n        \}\n)/\$2\$1/s"
+  "restores copy in before poisoning|crates/engine/src/executor.rs|s/(        for &b in poison \{\n            self\.runner\.poison\(b\);\n        \}\n)(        for \(b, bytes\) in restores \{\n            self\.runner\.write_block\(\*b, bytes\)\?;\n        \}\n)/\$2\$1/"
+  "restores land without their bytes|crates/engine/src/executor.rs|s/            self\.runner\.write_block\(\*b, bytes\)\?;/            let _ = (b, bytes);/"
+  "a restore cut short is not truncated|crates/engine/src/scheduler/restores.rs|s/                if !complete\n/                if false\n/"
+  "a request is planned while its restore is read|crates/engine/src/scheduler.rs|s/        if s\.restore\.as_ref\(\)\.is_some_and\(\|r\| !r\.ready\(\)\) \{\n            return false;\n        \}//"
+  "a fetch serves a block of the wrong size|crates/engine/src/tiers.rs|s/match got\.filter\(\|b\| b\.len\(\) == block_bytes\)/match got.map(|mut b| { b.truncate(block_bytes \/ 2); b })/"
+  # The host tier.
+  "the host tier passes its bound|crates/store/src/host.rs|s/        while self\.used \+ c > self\.capacity \{/        while self.used > self.capacity {/"
+  "the host tier serves another key|crates/store/src/host.rs|s/\.filter\(\|e\| e\.parent == parent && e\.tokens == tokens\)/.filter(|e| e.parent == parent)/"
+  "the host tier evicts the most recent|crates/store/src/host.rs|s/self\.lru\.pop_first\(\)/self.lru.pop_last()/"
   # The SSD tier.
   "serve a block without checking its payload|crates/store/src/ssd/record.rs|s/        if blake3::hash\(payload\)\.as_bytes\(\) != &self\.sums\[i\] \{/        if false {/"
   "index a record whose write failed|crates/store/src/ssd/mod.rs|s/            let _ = self\.io\.remove\(&tmp\);\n            self\.stats\.write_failures \+= 1;\n            return Err\(e\);/            let _ = e;\n            self.stats.write_failures += 1;/"

@@ -48,6 +48,20 @@ impl Runner for Probe {
     fn poison(&mut self, block: BlockId) {
         self.log.lock().unwrap().push(format!("poison {block:?}"));
     }
+
+    fn block_bytes(&self) -> usize {
+        1
+    }
+
+    fn read_block(&self, block: BlockId, out: &mut Vec<u8>) {
+        self.log.lock().unwrap().push(format!("copy out {block:?}"));
+        out.push(7);
+    }
+
+    fn write_block(&mut self, block: BlockId, _bytes: &[u8]) -> Result<(), String> {
+        self.log.lock().unwrap().push(format!("copy in {block:?}"));
+        Ok(())
+    }
 }
 
 struct Setup {
@@ -250,4 +264,34 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
         "the row ran on the sample of step 1: {r:?}"
     );
     assert_eq!(r.failed.len(), 1);
+}
+
+/// A step's transfers run in their fixed order: demotions copy out first
+/// (the step may reuse their blocks), then poison, then restores copy in
+/// (poison never overwrites a restore), then the forward pass.
+#[test]
+fn transfers_run_out_poison_in_then_forward() {
+    let s = setup(1);
+    let probe = Probe::default();
+    let mut ex = Executor::new(probe.clone(), s.cache.clone(), s.sanitizer.clone(), None);
+    let b = s.cache.lock().table(s.leases[0].id()).unwrap()[0];
+    let mut st = step(vec![row(&s, 0)], vec![b]);
+    st.demotions = vec![strata_kv::Demotion {
+        block: b,
+        hash: strata_kv::BlockHash::from_bits(1),
+        parent: strata_kv::BlockHash::from_bits(0),
+        tokens: vec![TokenId::new(1); 4],
+    }];
+    st.restores = vec![(b, vec![7])];
+    let r = ex.run(st);
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(
+        *probe.log.lock().unwrap(),
+        [
+            format!("copy out {b:?}"),
+            format!("poison {b:?}"),
+            format!("copy in {b:?}"),
+            "forward 1".to_string()
+        ]
+    );
 }
