@@ -89,8 +89,8 @@ plants=(
   "demotions copy out after poisoning|crates/engine/src/executor.rs|s/(        if !demotions\.is_empty\(\) \{.*?\n        \}\n)(        for &b in poison \{\n            self\.runner\.poison\(b\);\n        \}\n)/\$2\$1/s"
   "restores copy in before poisoning|crates/engine/src/executor.rs|s/(        for &b in poison \{\n            self\.runner\.poison\(b\);\n        \}\n)(        for \(b, bytes\) in restores \{\n            self\.runner\.write_block\(\*b, bytes\)\?;\n        \}\n)/\$2\$1/"
   "restores land without their bytes|crates/engine/src/executor.rs|s/            self\.runner\.write_block\(\*b, bytes\)\?;/            let _ = (b, bytes);/"
-  "a restore cut short is not truncated|crates/engine/src/scheduler/restores.rs|s/                if !complete\n/                if false\n/"
-  "a request is planned while its restore is read|crates/engine/src/scheduler.rs|s/        if s\.restore\.as_ref\(\)\.is_some_and\(\|r\| !r\.ready\(\)\) \{\n            return false;\n        \}//"
+  "a restore cut short is not truncated|crates/engine/src/scheduler/restores.rs|s/if !complete && let Some\(lease\) = &s\.lease \{/if false \&\& let Some(lease) = \&s.lease {/"
+  "a request is planned while its restore is read|crates/engine/src/scheduler/plan.rs|s/            if !r\.ready\(\) \{\n                return Ok\(Planned::Later\);\n            \}//"
   "a fetch serves a block of the wrong size|crates/engine/src/tiers.rs|s/match got\.filter\(\|b\| b\.len\(\) == block_bytes\)/match got.map(|mut b| { b.truncate(block_bytes \/ 2); b })/"
   # The host tier.
   "the host tier passes its bound|crates/store/src/host.rs|s/        while self\.used \+ c > self\.capacity \{/        while self.used > self.capacity {/"
