@@ -130,6 +130,8 @@ enum Msg {
     Debug(std_mpsc::Sender<String>),
     /// What the tiers' I/O thread did.
     Tier(Report),
+    /// Look again (the pool changed under the scheduler).
+    Wake,
     Shutdown,
     /// The executor thread panicked (its message).
     ExecutorDied(String),
@@ -367,6 +369,7 @@ impl Engine {
                             ));
                         }
                         Some(Msg::Tier(r)) => scheduler.on_tier_report(r),
+                        Some(Msg::Wake) => {}
                         Some(Msg::ListSessions(reply)) => {
                             let _ = reply.send(scheduler.session_infos());
                         }
@@ -627,7 +630,10 @@ impl Engine {
     /// cache clear); blocks that are pinned or waiting in quarantine are
     /// never touched. Returns how many were dropped.
     pub fn clear_prefix_cache(&self) -> usize {
-        self.cache.lock().evict_cached(usize::MAX).len()
+        let n = self.cache.lock().evict_cached(usize::MAX).len();
+        // With tiers, the blocks go down (write-back) in a step of their own.
+        let _ = self.tx.send(Msg::Wake);
+        n
     }
 
     /// A dump of the scheduler's state (requests, sessions, pool), for

@@ -239,7 +239,16 @@ impl<R: Runner> Executor<R> {
                 })
                 .collect();
             if let Some(io) = &self.io {
-                io.send(Job::Demote(batch));
+                let bytes: u64 = batch.iter().map(|d| d.bytes.len() as u64).sum();
+                if io.reserve(bytes) {
+                    io.send(Job::Demote(batch));
+                } else {
+                    // The disk is behind: these blocks are not written
+                    // (misses later), and their entries leave the index.
+                    io.send(Job::Dropped(
+                        batch.into_iter().map(|d| d.demotion.hash).collect(),
+                    ));
+                }
             }
         }
         for &b in poison {

@@ -158,6 +158,9 @@ pub(crate) enum Job {
         token: u64,
         keys: Vec<FetchKey>,
     },
+    /// Demotions dropped before they reached the I/O thread (staging was
+    /// full): reported as nowhere.
+    Dropped(Vec<BlockHash>),
     /// Checks both stores' invariants (tests), after every job before it.
     Check(mpsc::Sender<Result<(), String>>),
 }
@@ -177,18 +180,62 @@ pub(crate) enum Report {
         nanos: u64,
         tier: Tier,
     },
+    /// The I/O thread died: no report will come again.
+    Died,
 }
+
+/// Bytes of demoted blocks waiting for the I/O thread at most: past it, a
+/// step's demotions are dropped (a miss later), never queued without
+/// bound in the arena's RAM.
+const STAGING_BYTES: u64 = 256 << 20;
 
 /// The engine's handle on the I/O thread.
 #[derive(Clone)]
 pub(crate) struct TierIo {
     jobs: mpsc::Sender<Job>,
+    /// Demoted bytes sent and not yet written.
+    staged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TierIo {
     pub(crate) fn send(&self, job: Job) {
-        // The thread ends only when the engine does.
+        // A dead I/O thread has told the scheduler (`Report::Died`).
         let _ = self.jobs.send(job);
+    }
+
+    /// Whether `bytes` more demoted bytes may be staged now; if so they
+    /// are counted until the I/O thread has written them.
+    pub(crate) fn reserve(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut cur = self.staged.load(Ordering::Relaxed);
+        loop {
+            if cur + bytes > STAGING_BYTES {
+                return false;
+            }
+            match self.staged.compare_exchange_weak(
+                cur,
+                cur + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// Tells the scheduler when the I/O thread dies by a panic: the tiers are
+/// off from then on, and restores waiting for it are misses.
+struct DeathNotice<F: Fn(Report)>(Option<F>);
+
+impl<F: Fn(Report)> Drop for DeathNotice<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(f) = self.0.take()
+        {
+            f(Report::Died);
+        }
     }
 }
 
@@ -200,19 +247,56 @@ pub(crate) fn start(
     mut stores: TierStores,
     block_bytes: usize,
     stats: Arc<Mutex<TierStats>>,
-    report: impl Fn(Report) + Send + 'static,
+    report: impl Fn(Report) + Send + Sync + 'static,
 ) -> std::io::Result<(TierIo, thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Job>();
+    let staged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let unstage = staged.clone();
     publish_stats(&stores, &stats, |_| {});
+    let report = Arc::new(report);
+    let notice_report = report.clone();
     let handle = thread::Builder::new()
         .name("strata-tier-io".into())
         .spawn(move || {
-            while let Ok(job) = rx.recv() {
+            let _notice = DeathNotice(Some(move |r| notice_report(r)));
+            let mut failures_logged = 0u64;
+            let mut queue = std::collections::VecDeque::new();
+            loop {
+                // Restores first: a request waits for each; demotions wait
+                // for no one.
+                while let Ok(j) = rx.try_recv() {
+                    queue.push_back(j);
+                }
+                let job = match queue.iter().position(|j| matches!(j, Job::Fetch { .. })) {
+                    Some(i) => queue.remove(i).expect("found"),
+                    None => match queue.pop_front() {
+                        Some(j) => j,
+                        None => match rx.recv() {
+                            Ok(j) => j,
+                            Err(_) => break,
+                        },
+                    },
+                };
                 let report_msg = match job {
                     Job::Demote(batch) => {
                         let t = Instant::now();
                         let bytes: u64 = batch.iter().map(|d| d.bytes.len() as u64).sum();
+                        let failures_before = stores.ssd.as_ref().map_or(0, |s| s.stats().write_failures);
                         let (located, failed, full) = demote(&mut stores, batch, block_bytes);
+                        unstage.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+                        let failures = stores.ssd.as_ref().map_or(0, |s| s.stats().write_failures);
+                        if failures > failures_before {
+                            // The first failure, then every hundredth: the
+                            // disk's trouble is in the log, not a flood.
+                            if failures_logged == 0 || failures / 100 > failures_logged / 100 {
+                                tracing::warn!(
+                                    write_failures = failures,
+                                    disk_full = full,
+                                    "the SSD tier failed to write records (they are misses; the server runs on)"
+                                );
+                            }
+                            failures_logged = failures;
+                        }
                         let secs = t.elapsed().as_secs_f64();
                         let gone = located.iter().filter(|l| l.1.is_none()).count() as u64;
                         publish_stats(&stores, &stats, |s| {
@@ -223,6 +307,10 @@ pub(crate) fn start(
                             s.demotion_seconds.observe(secs);
                         });
                         Report::Located(located)
+                    }
+                    Job::Dropped(hashes) => {
+                        publish_stats(&stores, &stats, |s| s.demotions_failed += hashes.len() as u64);
+                        Report::Located(hashes.into_iter().map(|h| (h, None)).collect())
                     }
                     Job::Check(reply) => {
                         let r = stores
@@ -261,7 +349,9 @@ pub(crate) fn start(
                             token,
                             payloads,
                             complete,
-                            nanos: elapsed.as_nanos() as u64 / keys.len().max(1) as u64,
+                            // Per block served (a restore cut short is not
+                            // cheaper per block than it cost).
+                            nanos: elapsed.as_nanos() as u64 / got.max(1),
                             tier,
                         }
                     }
@@ -271,7 +361,7 @@ pub(crate) fn start(
                 report(report_msg);
             }
         })?;
-    Ok((TierIo { jobs: tx }, handle))
+    Ok((TierIo { jobs: tx, staged }, handle))
 }
 
 fn publish_stats(stores: &TierStores, stats: &Mutex<TierStats>, f: impl FnOnce(&mut TierStats)) {
@@ -331,7 +421,10 @@ fn demote(
         });
     }
     if let Some(ssd) = stores.ssd.as_mut() {
-        to_ssd.retain(|b| !ssd.contains(b.hash));
+        // One copy of each block (the host may evict a block this batch
+        // put there a moment ago), none the SSD holds.
+        let mut seen = std::collections::HashSet::new();
+        to_ssd.retain(|b| seen.insert(b.hash) && !ssd.contains(b.hash));
         for run in runs(to_ssd) {
             let parent = run[0].parent;
             let keys: Vec<BlockKey> = run
@@ -428,32 +521,54 @@ fn fetch(
     keys: &[FetchKey],
     block_bytes: usize,
 ) -> (Vec<Vec<u8>>, Located) {
-    let mut out = Vec::with_capacity(keys.len());
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
     let mut located = Vec::new();
-    for k in keys {
+    let mut i = 0;
+    while i < keys.len() {
+        let k = &keys[i];
         let from_host = stores
             .host
             .as_mut()
             .and_then(|h| h.get(k.hash, k.parent, &k.tokens));
-        let got = from_host.or_else(|| {
-            let ssd = stores.ssd.as_mut()?;
-            if !stores.ssd_read_delay.is_zero() {
-                std::thread::sleep(stores.ssd_read_delay);
-            }
-            ssd.get(k.hash, k.parent, &k.tokens)
-        });
-        if let Some(ssd) = stores.ssd.as_mut() {
-            for h in ssd.take_dropped() {
-                located.push((h, None));
-            }
-        }
-        match got.filter(|b| b.len() == block_bytes) {
-            Some(b) => out.push(b),
-            None => {
+        if let Some(b) = from_host {
+            if b.len() != block_bytes {
                 located.push((k.hash, location(stores, k.hash)));
                 break;
             }
+            out.push(b);
+            i += 1;
+            continue;
         }
+        // From the SSD: the blocks up to the next one the host holds, read
+        // as runs.
+        let Some(ssd) = stores.ssd.as_mut() else {
+            located.push((k.hash, location(stores, k.hash)));
+            break;
+        };
+        let host = stores.host.as_ref();
+        let end = (i..keys.len())
+            .find(|&j| j > i && host.is_some_and(|h| h.contains(keys[j].hash)))
+            .unwrap_or(keys.len());
+        let run: Vec<(BlockHash, BlockHash, &[TokenId])> = keys[i..end]
+            .iter()
+            .map(|k| (k.hash, k.parent, k.tokens.as_slice()))
+            .collect();
+        if !stores.ssd_read_delay.is_zero() {
+            std::thread::sleep(stores.ssd_read_delay * run.len() as u32);
+        }
+        let got = ssd.get_run(&run);
+        for h in ssd.take_dropped() {
+            located.push((h, None));
+        }
+        let n = got.len();
+        let whole = n == run.len() && got.iter().all(|b| b.len() == block_bytes);
+        out.extend(got.into_iter().take_while(|b| b.len() == block_bytes));
+        if !whole {
+            let at = out.len();
+            located.push((keys[at].hash, location(stores, keys[at].hash)));
+            break;
+        }
+        i = end;
     }
     for l in &mut located {
         l.1 = location(stores, l.0);

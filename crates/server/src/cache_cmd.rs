@@ -32,16 +32,17 @@ pub fn run(cmd: &CacheCommand) -> Result<String, String> {
                 dir.display()
             ))
         }
-        CacheCommand::Stats { .. } => report(&dir, false),
+        CacheCommand::Stats { .. } => report(&dir, false).map(|(out, _)| out),
         CacheCommand::Verify { .. } => {
-            let out = report(&dir, true)?;
-            let i = ssd::inspect(&dir, false).map_err(|e| e.to_string())?;
-            if i.bad.is_empty() { Ok(out) } else { Err(out) }
+            // Fails (a non-zero exit) if any record does not verify.
+            let (out, clean) = report(&dir, true)?;
+            if clean { Ok(out) } else { Err(out) }
         }
     }
 }
 
-fn report(dir: &Path, verify: bool) -> Result<String, String> {
+/// The report, and whether every record verified.
+fn report(dir: &Path, verify: bool) -> Result<(String, bool), String> {
     let i = ssd::inspect(dir, verify).map_err(|e| e.to_string())?;
     let mut s = String::new();
     let _ = writeln!(
@@ -86,5 +87,5 @@ fn report(dir: &Path, verify: bool) -> Result<String, String> {
             }
         );
     }
-    Ok(s)
+    Ok((s, i.bad.is_empty()))
 }

@@ -114,6 +114,18 @@ impl Collector for EngineCollector {
         )?;
         counter(
             &mut e,
+            "strata:admitted_prompt_tokens",
+            "Prompt tokens of admitted requests.",
+            c.prompt_tokens,
+        )?;
+        counter(
+            &mut e,
+            "strata:cached_prompt_tokens",
+            "Of those, tokens not computed: found in the arena or a session's pins, or restored from a tier.",
+            c.cached_tokens,
+        )?;
+        counter(
+            &mut e,
             "vllm:num_preemptions",
             "Requests preempted (blocks given back, recomputed later).",
             c.preemptions,

@@ -352,7 +352,7 @@ pub(crate) fn load(
             .unwrap_or_else(|| "model".into())
     });
     let vocab = cfg.vocab;
-    let tiers = crate::tiers::open(args, &model.fingerprint(bs))?;
+    let tiers = crate::tiers::open(args, &model.fingerprint(bs), hash_key)?;
     let engine = Engine::start_with_tiers(
         ModelRunner::new(model.clone(), arena),
         EngineConfig {

@@ -14,7 +14,19 @@ use crate::cli::{RestorePolicy, ServeArgs, TierWrite};
 /// The stores `args` ask for (`None`: no tier at all). A named SSD
 /// directory that cannot be used is an error; the default one is skipped
 /// with a warning (another server on this machine may hold it).
-pub(crate) fn open(args: &ServeArgs, fingerprint: &[u8]) -> Result<Option<TierStores>, String> {
+pub(crate) fn open(
+    args: &ServeArgs,
+    fingerprint: &[u8],
+    hash_key: &strata_kv::HashKey,
+) -> Result<Option<TierStores>, String> {
+    // Records are keyed by the installation's hash key: ones written under
+    // another key (a cache directory moved, a key file replaced) can never
+    // hit, so they count as another model's and are removed at start
+    // instead of lingering. The key's own bytes never reach the disk.
+    let mut fingerprint = fingerprint.to_vec();
+    let key_id = blake3::keyed_hash(hash_key.as_bytes(), b"strata ssd tier key id");
+    fingerprint.extend_from_slice(format!(";hash-key-id={}", &key_id.to_hex()[..16]).as_bytes());
+    let fingerprint = fingerprint.as_slice();
     let host = (args.host_cache_size > 0).then(|| {
         tracing::info!(bytes = args.host_cache_size, "host tier on");
         HostStore::new(args.host_cache_size)

@@ -120,7 +120,15 @@ impl Scheduler {
         } else {
             Vec::new()
         };
-        if seqs.is_empty() && !overlapped && demotions.is_empty() {
+        // A step that carries transfers is sent even with no row: a restore
+        // landed in this epoch must be copied in before it completes (it
+        // publishes then), and demotions must precede any reuse.
+        let transfers = !demotions.is_empty()
+            || self
+                .tiers
+                .as_ref()
+                .is_some_and(|t| !t.step_restores.is_empty());
+        if seqs.is_empty() && !overlapped && !transfers {
             // Nothing could run and nothing is in flight: close the epoch
             // now rather than send an empty step (the engine waits for a
             // message before planning again).

@@ -49,7 +49,15 @@ pub(crate) struct SchedTiers {
     row_ns: Option<f64>,
     /// Restores for the step being planned.
     pub(super) step_restores: Vec<(BlockId, Vec<u8>)>,
+    /// Runs the policy chose to recompute.
+    declined: u64,
+    /// The I/O thread died: no tier is used again.
+    dead: bool,
 }
+
+/// One run in this many that the policy would recompute is restored
+/// anyway, to measure the tier again.
+const EXPLORE_EVERY: u64 = 16;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA: f64 = 0.2;
@@ -80,6 +88,8 @@ impl SchedTiers {
             restore_ns: [None, probe_ns],
             row_ns: None,
             step_restores: Vec::new(),
+            declined: 0,
+            dead: false,
         }
     }
 
@@ -87,14 +97,24 @@ impl SchedTiers {
     /// estimated faster than computing them. Until both costs are
     /// measured, it restores (a restore that turns out slow is measured,
     /// and the next run is decided on that).
-    fn worth(&self, tier: Tier, blocks: usize, bs: usize) -> bool {
+    fn worth(&mut self, tier: Tier, blocks: usize, bs: usize) -> bool {
+        if self.dead {
+            return false;
+        }
         if !self.policy {
             return true;
         }
-        match (self.restore_ns[slot(tier)], self.row_ns) {
+        let faster = match (self.restore_ns[slot(tier)], self.row_ns) {
             (Some(r), Some(c)) => r * (blocks as f64) < c * ((blocks * bs) as f64),
             _ => true,
+        };
+        if faster {
+            return true;
         }
+        // Now and then restore anyway, so a disk that was slow once (a
+        // cold read, a busy moment) is measured again, not shunned for good.
+        self.declined += 1;
+        self.declined.is_multiple_of(EXPLORE_EVERY)
     }
 
     /// A step ran `rows` rows in `nanos`.
@@ -110,14 +130,17 @@ impl Scheduler {
     /// How many tier blocks the request's lookup may restore: all of the
     /// run found, if restoring it beats recomputing, else none.
     pub(super) fn max_restore(
-        &self,
+        &mut self,
         g: &PoolGuard<'_>,
         seq: &strata_kv::SequenceHasher,
     ) -> Result<usize, KvError> {
-        let Some(t) = &self.tiers else { return Ok(0) };
+        let bs = self.block_size;
+        let Some(t) = self.tiers.as_mut() else {
+            return Ok(0);
+        };
         let (run, tier) = g.peek_tiers(seq)?;
         let Some(tier) = tier else { return Ok(0) };
-        if t.worth(tier, run, self.block_size) {
+        if t.worth(tier, run, bs) {
             Ok(run)
         } else {
             lock(&t.stats).recomputed_runs += 1;
@@ -155,6 +178,23 @@ impl Scheduler {
         let cache = self.cache.clone();
         let mut g = cache.lock();
         match r {
+            Report::Died => {
+                tracing::error!("the tier I/O thread died: running on without tiers");
+                if let Some(t) = self.tiers.as_mut() {
+                    t.dead = true;
+                }
+                g.set_tier_policy(strata_kv::TierPolicy::default());
+                // Restores waiting for it are misses: those requests compute.
+                for s in self.seqs.values_mut() {
+                    if let Some(r) = s.restore.as_mut().filter(|r| !r.ready()) {
+                        if let Some(lease) = &s.lease {
+                            g.restore_failed(lease, 0)
+                                .expect("the restoring request's lease is live");
+                        }
+                        r.fetched = Some(Vec::new());
+                    }
+                }
+            }
             Report::Located(list) => {
                 let idx = g.tiers_mut();
                 for (hash, tier) in list {

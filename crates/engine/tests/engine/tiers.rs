@@ -331,3 +331,56 @@ fn a_slow_ssd_makes_the_policy_recompute() {
     assert!(t.recomputed_runs >= 1 && t.restored_blocks == 0, "{t:?}");
     e.shutdown();
 }
+
+/// A disk whose reads panic the I/O thread.
+struct PanicIo;
+
+impl strata_store::ssd::Io for PanicIo {
+    fn write_new(&self, path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+        RealIo.write_new(path, bytes, sync)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        RealIo.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        RealIo.remove(path)
+    }
+    fn read_at(&self, path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if path.extension().is_some_and(|e| e == "rec") && at > 0 {
+            panic!("injected: the tier I/O thread dies mid-restore");
+        }
+        RealIo.read_at(path, at, len)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+        RealIo.list(dir)
+    }
+}
+
+#[test]
+fn a_dead_tier_thread_turns_the_tiers_off_and_restores_become_recomputes() {
+    let m = model(1);
+    let dir = TempDir::new("dead-io");
+    let p = prompt(0, 41, 8);
+    let want = solo(&m, &p, 3);
+    let e = engine_tiered(&m, setup(64), Some(stores(None, Some(ssd(&m, &dir.0, BS)))));
+    run(&e, &p, 3);
+    e.shutdown();
+    let store = SsdStore::open(
+        SsdConfig {
+            dir: dir.0.clone(),
+            capacity: 64 << 20,
+            fingerprint: m.fingerprint(BS),
+            sync: false,
+        },
+        Arc::new(PanicIo),
+    )
+    .unwrap()
+    .0;
+    let e = engine_tiered(&m, setup(64), Some(stores(None, Some(store))));
+    // The restore's read kills the I/O thread: the request does not hang,
+    // it computes the prefix itself.
+    assert_eq!(run(&e, &p, 3), (want.clone(), 0));
+    assert_eq!(run(&e, &p, 3).0, want, "and the engine runs on");
+    assert_whole(&e);
+    e.shutdown();
+}

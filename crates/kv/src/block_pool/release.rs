@@ -206,8 +206,7 @@ impl BlockPool {
                 continue;
             }
             let hash = blk.hash.expect("a published block has a hash");
-            self.demote_on_evict(b);
-            let blk = &mut self.blocks[b.index()];
+            // An operator's clear forgets: nothing goes down to a tier.
             blk.published = false;
             self.index.remove(&hash);
             self.stats.evictions += 1;

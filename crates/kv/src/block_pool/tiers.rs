@@ -361,7 +361,9 @@ impl BlockPool {
             .iter()
             .map(|&t| TokenId::new(t))
             .collect();
-        let tier = self.tier_policy.first_tier.expect("the policy is on");
+        let Some(tier) = self.tier_policy.first_tier else {
+            return;
+        };
         if self
             .tier_index
             .begin_demotion(hash, parent, &tokens, tier)
@@ -396,8 +398,11 @@ impl BlockPool {
             }
             let blk = &self.blocks[b.index()];
             if blk.generation == g && blk.published {
+                // Counted only if it is queued (a shared ancestor listed by
+                // several chains is queued once).
+                let before = self.demotions.len();
                 self.queue_demotion(b);
-                n += 1;
+                n += self.demotions.len() - before;
             }
         }
         self.through = rest;

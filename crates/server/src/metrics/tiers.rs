@@ -73,7 +73,7 @@ fn histogram(
         .copied()
         .zip(h.counts.iter().copied())
         .collect();
-    buckets.push((f64::MAX, *h.counts.last().unwrap_or(&0)));
+    buckets.push((f64::INFINITY, *h.counts.last().unwrap_or(&0)));
     let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
     m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(h.sum, h.count(), &buckets, None)
 }

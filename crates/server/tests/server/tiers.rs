@@ -62,6 +62,10 @@ fn a_restart_on_the_same_directory_hits_every_block_and_answers_the_same() {
     assert_eq!(cached, 0, "a fresh directory holds nothing");
     let m = s.get("/metrics").body;
     assert!(m.contains("strata:tier_bytes{tier=\"ssd\"}"), "{m}");
+    assert!(
+        m.contains("strata:tier_restore_seconds_bucket{le=\"+Inf\"}"),
+        "histograms end at +Inf: {m}"
+    );
     // One server per directory: a second one named here refuses.
     let second = std::panic::catch_unwind(|| TestServer::tiny(&flags)).map(drop);
     let why = second.expect_err("a second server on a held directory must refuse");

@@ -129,6 +129,15 @@ pub fn clear(dir: &Path) -> Result<(usize, u64), SsdError> {
         Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path)(e)),
     }
     let records = dir.join("records");
+    // Only a tier's own directory, never through a link.
+    let ours = std::fs::symlink_metadata(&records).is_ok_and(|m| m.is_dir())
+        && std::fs::symlink_metadata(dir.join(super::MARKER)).is_ok();
+    if !ours {
+        return Err(SsdError::NotOurs(
+            records,
+            "is not an SSD tier's records directory",
+        ));
+    }
     let (mut n, mut bytes) = (0, 0);
     for (path, size) in RealIo.list(&records).map_err(err(&records))? {
         RealIo.remove(&path).map_err(err(&path))?;

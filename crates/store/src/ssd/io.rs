@@ -17,6 +17,14 @@ pub trait Io: Send + Sync {
     fn read_at(&self, path: &Path, at: u64, len: usize) -> io::Result<Vec<u8>>;
     /// The files of `dir` with their sizes.
     fn list(&self, dir: &Path) -> io::Result<Vec<(PathBuf, u64)>>;
+
+    /// `n` consecutive ranges of `len` bytes of `path` from `at`, one
+    /// buffer each (a run of blocks of one record, read without a copy).
+    fn read_blocks(&self, path: &Path, at: u64, len: usize, n: usize) -> io::Result<Vec<Vec<u8>>> {
+        (0..n)
+            .map(|k| self.read_at(path, at + (k * len) as u64, len))
+            .collect()
+    }
 }
 
 /// The real file system.
@@ -54,11 +62,30 @@ impl Io for RealIo {
         Ok(out)
     }
 
+    fn read_blocks(&self, path: &Path, at: u64, len: usize, n: usize) -> io::Result<Vec<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path)?;
+        let mut out = Vec::with_capacity(n);
+        for k in 0..n {
+            // One pread of exactly a block into its own buffer (read_to_end
+            // would read it in growing pieces of 8 KiB and up).
+            let mut v = vec![0u8; len];
+            f.read_exact_at(&mut v, at + (k * len) as u64)?;
+            out.push(v);
+        }
+        Ok(out)
+    }
+
     fn list(&self, dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir)? {
             let e = e?;
-            let m = e.metadata()?;
+            // A file removed while the directory is listed is not an error.
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
             if m.is_file() {
                 out.push((e.path(), m.len()));
             }

@@ -31,12 +31,23 @@ pub use record::{
     BlockKey, Header, MAGIC, RecordError, VERSION, decode_header, decode_header_any, encode,
 };
 
+/// The file that marks a directory as this tier's.
+pub(crate) const MARKER: &str = "STRATA-SSD-TIER";
+
+/// `O_NOFOLLOW` on Linux (the lock file is never opened through a link).
+const fn libc_o_nofollow() -> i32 {
+    0o400000
+}
+
 /// Why the SSD tier cannot open its directory.
 #[derive(Debug, thiserror::Error)]
 pub enum SsdError {
     /// Another process holds the directory.
     #[error("{0} is in use by another Strata server (its LOCK file is held)")]
     Locked(PathBuf),
+    /// The directory holds what this tier did not make.
+    #[error("{0}: {1}; refusing to use it as an SSD tier (name an empty or new directory)")]
+    NotOurs(PathBuf, &'static str),
     /// The directory cannot be made, locked or listed.
     #[error("{path}: {error}")]
     Io {
@@ -116,6 +127,8 @@ pub struct SsdStore {
     records_dir: PathBuf,
     config: SsdConfig,
     recs: HashMap<u64, Rec>,
+    /// Records by last use, coldest first.
+    lru: std::collections::BTreeMap<(u64, u64), ()>,
     /// Each block's record and position in it.
     by_block: HashMap<BlockHash, (u64, usize)>,
     used: u64,
@@ -146,6 +159,24 @@ impl SsdStore {
             move |error| SsdError::Io { path, error }
         };
         let records_dir = config.dir.join("records");
+        // Only a directory this tier made is ever cleaned: recovery removes
+        // files in `records/`, so a `records/` that exists without our
+        // marker (someone's own files) is refused, and so is one that is a
+        // symbolic link (it would clean the link's target).
+        let marker = config.dir.join(MARKER);
+        if let Ok(m) = std::fs::symlink_metadata(&records_dir) {
+            if !m.is_dir() {
+                return Err(SsdError::NotOurs(records_dir, "is not a directory"));
+            }
+            if std::fs::symlink_metadata(&marker).is_err()
+                && std::fs::read_dir(&records_dir).is_ok_and(|mut d| d.next().is_some())
+            {
+                return Err(SsdError::NotOurs(
+                    records_dir,
+                    "holds files but its directory has no Strata marker",
+                ));
+            }
+        }
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -153,6 +184,10 @@ impl SsdStore {
                 .mode(0o700)
                 .create(&records_dir)
                 .map_err(err(&records_dir))?;
+        }
+        if std::fs::symlink_metadata(&marker).is_err() {
+            std::fs::write(&marker, b"a Strata SSD tier: see docs/ssd-format.md\n")
+                .map_err(err(&marker))?;
         }
         let lock_path = config.dir.join("LOCK");
         let lock = {
@@ -162,6 +197,7 @@ impl SsdStore {
                 .truncate(false)
                 .write(true)
                 .mode(0o600)
+                .custom_flags(libc_o_nofollow())
                 .open(&lock_path)
                 .map_err(err(&lock_path))?
         };
@@ -177,6 +213,7 @@ impl SsdStore {
             records_dir,
             config,
             recs: HashMap::new(),
+            lru: std::collections::BTreeMap::new(),
             by_block: HashMap::new(),
             used: 0,
             clock: 0,
@@ -209,9 +246,9 @@ impl SsdStore {
                 r.temporary_removed += 1;
                 continue;
             };
-            self.next_id = self.next_id.max(id + 1);
             match self.read_header(&path, size) {
                 Ok(header) => {
+                    self.next_id = self.next_id.max(id + 1);
                     self.index(id, path, size, header);
                     r.records += 1;
                     r.bytes += size;
@@ -260,6 +297,7 @@ impl SsdStore {
         }
         self.used += bytes;
         self.clock += 1;
+        self.lru.insert((self.clock, id), ());
         self.recs.insert(
             id,
             Rec {
@@ -276,6 +314,7 @@ impl SsdStore {
         let Some(rec) = self.recs.remove(&id) else {
             return;
         };
+        self.lru.remove(&(rec.last_used, id));
         for (i, b) in rec.header.blocks.iter().enumerate() {
             if self.by_block.get(&b.hash) == Some(&(id, i)) {
                 self.by_block.remove(&b.hash);
@@ -286,12 +325,19 @@ impl SsdStore {
         let _ = self.io.remove(&rec.path);
     }
 
+    /// Marks record `id` used now.
+    fn touch(&mut self, id: u64) {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(r) = self.recs.get_mut(&id) {
+            self.lru.remove(&(r.last_used, id));
+            r.last_used = clock;
+            self.lru.insert((clock, id), ());
+        }
+    }
+
     fn evict_one(&mut self) {
-        let coldest = self
-            .recs
-            .iter()
-            .min_by_key(|(id, r)| (r.last_used, **id))
-            .map(|(&id, _)| id);
+        let coldest = self.lru.first_key_value().map(|(&(_, id), _)| id);
         if let Some(id) = coldest {
             self.drop_record(id);
             self.stats.evictions += 1;
@@ -318,18 +364,26 @@ impl SsdStore {
         if len > self.config.capacity {
             return Ok(false);
         }
+        let Some(after) = self.next_id.checked_add(1).filter(|&n| n < u64::MAX) else {
+            return Err(std::io::Error::other("record ids are exhausted"));
+        };
+        let id = self.next_id;
+        self.next_id = after;
+        let tmp = self.records_dir.join(format!("{id:016x}.tmp"));
+        let path = self.records_dir.join(format!("{id:016x}.rec"));
+        // Written first, evicting only once it is: a disk that fails every
+        // write never drains the tier. (The bound holds for visible
+        // records; a temporary file is at most one record over it.)
+        let written = self.io.write_new(&tmp, &bytes, self.config.sync);
+        if let Err(e) = written {
+            let _ = self.io.remove(&tmp);
+            self.stats.write_failures += 1;
+            return Err(e);
+        }
         while self.used + len > self.config.capacity {
             self.evict_one();
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        let tmp = self.records_dir.join(format!("{id:016x}.tmp"));
-        let path = self.records_dir.join(format!("{id:016x}.rec"));
-        let written = self
-            .io
-            .write_new(&tmp, &bytes, self.config.sync)
-            .and_then(|()| self.io.rename(&tmp, &path));
-        if let Err(e) = written {
+        if let Err(e) = self.io.rename(&tmp, &path) {
             let _ = self.io.remove(&tmp);
             self.stats.write_failures += 1;
             return Err(e);
@@ -408,11 +462,7 @@ impl SsdStore {
         };
         match verified {
             Ok(bytes) => {
-                self.clock += 1;
-                let clock = self.clock;
-                if let Some(r) = self.recs.get_mut(&id) {
-                    r.last_used = clock;
-                }
+                self.touch(id);
                 self.stats.hits += 1;
                 Some(bytes)
             }
@@ -427,6 +477,117 @@ impl SsdStore {
                 None
             }
         }
+    }
+
+    /// The payloads of consecutive blocks of one chain, given by their
+    /// exact keys (hash, parent hash, tokens) in chain order, up to the
+    /// first that is not served (absent, another key, unreadable or
+    /// corrupt; a bad record is dropped as in [`Self::get`]). Blocks that
+    /// sit one after another in a record are read with one read.
+    pub fn get_run(&mut self, keys: &[(BlockHash, BlockHash, &[TokenId])]) -> Vec<Vec<u8>> {
+        // Where the keys lie: runs of consecutive blocks of one record,
+        // up to the first key not held under exactly this key.
+        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < keys.len() {
+            let Some(&(id, first)) = self.by_block.get(&keys[i].0) else {
+                break;
+            };
+            let h = &self.recs[&id].header;
+            let key_ok = |k: usize, (hash, parent, tokens): (BlockHash, BlockHash, &[TokenId])| {
+                let p = if k == 0 {
+                    h.parent
+                } else {
+                    h.blocks[k - 1].hash
+                };
+                h.blocks[k].hash == hash && p == parent && h.blocks[k].tokens == tokens
+            };
+            if !key_ok(first, keys[i]) {
+                break;
+            }
+            let mut n = 1;
+            while i + n < keys.len() && first + n < h.blocks.len() && key_ok(first + n, keys[i + n])
+            {
+                n += 1;
+            }
+            runs.push((id, first, n));
+            i += n;
+        }
+        let found: usize = runs.iter().map(|r| r.2).sum();
+        if found < keys.len() {
+            self.stats.misses += 1;
+        }
+        // Read and verify the runs on two threads: the device serves two
+        // reads at once faster than one, and one run's checksums overlap
+        // the next run's read. NOTE: measured on this machine's disk with
+        // pages dropped: one reader 1.3 GB/s, two 1.65 GB/s; 92 KB reads
+        // with the kernel's readahead beat one large read (0.46 GB/s) and
+        // a WILLNEED hint (0.55 GB/s).
+        // A run's blocks, or where it went bad and whether that was
+        // corruption (else a read error).
+        type Read = Result<Vec<Vec<u8>>, (usize, bool)>;
+        let results: Vec<std::sync::Mutex<Option<Read>>> =
+            runs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let recs = &self.recs;
+        let io = &self.io;
+        let work = || {
+            loop {
+                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(id, first, n)) = runs.get(j) else {
+                    break;
+                };
+                let rec = &recs[&id];
+                let h = &rec.header;
+                let start = h.block_range(first).start as u64;
+                let r = match io.read_blocks(&rec.path, start, h.block_bytes, n) {
+                    Ok(blocks) => {
+                        let bad = (0..n).find(|&k| h.verify_block(first + k, &blocks[k]).is_err());
+                        match bad {
+                            None => Ok(blocks),
+                            Some(k) => Err((k, true)),
+                        }
+                    }
+                    Err(e) => Err((0, e.kind() == std::io::ErrorKind::UnexpectedEof)),
+                };
+                *results[j].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            }
+        };
+        if runs.len() > 1 {
+            std::thread::scope(|sc| {
+                sc.spawn(work);
+                work();
+            });
+        } else {
+            work();
+        }
+        let mut out = Vec::with_capacity(found);
+        for (j, cell) in results.into_iter().enumerate() {
+            let (id, _, n) = runs[j];
+            let r = cell
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("every run was read");
+            match r {
+                Ok(blocks) => {
+                    out.extend(blocks);
+                    self.stats.hits += n as u64;
+                    self.touch(id);
+                }
+                Err((_, corrupt)) => {
+                    if corrupt {
+                        self.stats.corrupt_dropped += 1;
+                    } else {
+                        self.stats.read_failures += 1;
+                    }
+                    // The record goes, and the restore stops at its run.
+                    self.drop_record(id);
+                    self.stats.misses += 1;
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// Counters, with the current occupancy.
@@ -470,6 +631,12 @@ impl SsdStore {
             if r.header.record_len() as u64 != r.bytes {
                 return Err(format!("record {id}: length disagrees with its header"));
             }
+            if !self.lru.contains_key(&(r.last_used, *id)) {
+                return Err(format!("record {id} is missing from the LRU order"));
+            }
+        }
+        if self.lru.len() != self.recs.len() {
+            return Err("the LRU order names records that are gone".into());
         }
         Ok(())
     }

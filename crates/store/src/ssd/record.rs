@@ -20,6 +20,8 @@ use strata_kv::{BlockHash, TokenId};
 
 /// The first bytes of every record.
 pub const MAGIC: &[u8; 8] = b"STRATAKV";
+/// The largest payload a block may have (a default-model block is 92 KB).
+pub(super) const MAX_BLOCK_BYTES: usize = 64 << 20;
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
 
@@ -231,6 +233,9 @@ fn decode(bytes: &[u8], fingerprint: Option<&[u8]>) -> Result<(Header, Vec<u8>),
     let n = r.u32()? as usize;
     let block_bytes = usize::try_from(r.u64()?)
         .ok()
+        // No model's block is near this; a crafted header claiming more
+        // would make a reader allocate it.
+        .filter(|&b| b <= MAX_BLOCK_BYTES)
         .filter(|&b| b.checked_mul(n).and_then(|p| p.checked_add(len)).is_some())
         .ok_or_else(|| RecordError::Malformed("a payload too large".into()))?;
     let parent = BlockHash::from_bits(r.u128()?);

@@ -58,7 +58,8 @@ fn the_committed_fixtures_are_what_this_build_writes_and_reads() {
 fn an_older_record_keeps_loading_and_an_unknown_version_is_removed() {
     let d = TempDir::new("fixtures");
     let records = d.0.join("records");
-    std::fs::create_dir_all(&records).unwrap();
+    // A tier's directory, then the fixtures in it.
+    drop(SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo)).unwrap());
     std::fs::copy(fixture("v1.rec"), records.join("0000000000000001.rec")).unwrap();
     std::fs::copy(
         fixture("v2-unknown.rec"),

@@ -390,3 +390,28 @@ fn malformed_and_crafted_records_are_refused_not_panics() {
     );
     assert!(get(&mut s, 3, 0).is_none());
 }
+
+#[test]
+fn a_directory_this_tier_did_not_make_is_refused_not_cleaned() {
+    let d = TempDir::new("not-ours");
+    // Someone's own files under `records/`: never removed.
+    std::fs::create_dir_all(d.0.join("records")).unwrap();
+    std::fs::write(d.0.join("records/notes.txt"), b"mine").unwrap();
+    let r = SsdStore::open(config(&d.0, 1 << 20), Arc::new(RealIo));
+    assert!(matches!(r, Err(SsdError::NotOurs(..))), "{r:?}");
+    assert!(d.0.join("records/notes.txt").exists());
+    // A `records` that is a link to elsewhere: refused, the target untouched.
+    let target = TempDir::new("link-target");
+    std::fs::create_dir_all(&target.0).unwrap();
+    std::fs::write(target.0.join("precious"), b"x").unwrap();
+    let l = TempDir::new("linked");
+    std::fs::create_dir_all(&l.0).unwrap();
+    std::os::unix::fs::symlink(&target.0, l.0.join("records")).unwrap();
+    let r = SsdStore::open(config(&l.0, 1 << 20), Arc::new(RealIo));
+    assert!(matches!(r, Err(SsdError::NotOurs(..))), "{r:?}");
+    assert!(target.0.join("precious").exists());
+    // A tier's own directory opens again.
+    let t = TempDir::new("ours");
+    drop(open(&t.0, 1 << 20));
+    drop(open(&t.0, 1 << 20));
+}
