@@ -87,6 +87,15 @@ class Server:
                                    {"Authorization": "Bearer " + ADMIN}, method="POST")
         urllib.request.urlopen(r).read()
 
+    def settle(self):
+        """Waits until the tiers stop taking blocks (demotions landed)."""
+        last, same = -1.0, 0
+        while same < 5:
+            time.sleep(0.1)
+            now = self.metric("strata:tier_bytes_demoted_total")
+            same = same + 1 if now == last else 0
+            last = now
+
     def metric(self, name):
         text = urllib.request.urlopen(self.url + "/metrics").read().decode()
         for line in text.splitlines():
@@ -150,8 +159,11 @@ def ttft_figures(a):
     for p in prompts:
         cases["cold"].append(s.ttft(p))
         cases["arena hit"].append(s.ttft(p))
-        s.clear_arena()  # write-back sends the blocks down to host (and SSD)
-        time.sleep(0.5)
+        # Every block down first (write-through), then the arena cleared
+        # (write-back sends whatever is left), then down again.
+        s.settle()
+        s.clear_arena()
+        s.settle()
         cases["host hit"].append(s.ttft(p))
     s.stop()
     bytes_before = 0.0
@@ -187,16 +199,12 @@ def working_set(a):
     order = list(range(prefixes)) * 3
     random.Random(5).shuffle(order)
     bases = [serve_load.tokens(1400, 9000 + k) for k in range(prefixes)]
-    configs = {
-        "tiers off": ["--ssd-cache-size", "0"],
-        "host only": ["--ssd-cache-size", "0", "--host-cache-size", "2GiB"],
-        "ssd only": [],
-        "host and ssd": ["--host-cache-size", "2GiB"],
-    }
-    for name, flags in configs.items():
+    for name in ["tiers off", "host only", "ssd only", "host and ssd"]:
         ssd = tempfile.mkdtemp(prefix="strata-bench-ws-", dir=a.scratch)
-        f = ["--kv-memory", str(arena), "--ssd-cache-dir", ssd, "--ssd-cache-size", "8GiB"]
-        s = Server(a, a.port, f + flags)
+        f = ["--kv-memory", str(arena)]
+        f += ["--ssd-cache-dir", ssd, "--ssd-cache-size", "8GiB"] if "ssd" in name else ["--ssd-cache-size", "0"]
+        f += ["--host-cache-size", "2GiB"] if "host" in name else []
+        s = Server(a, a.port, f)
         ttfts, prompt_tokens, cached = [], 0, 0
         for i, k in enumerate(order):
             p = bases[k] + serve_load.tokens(24, 100 + i)

@@ -206,7 +206,10 @@ impl BlockPool {
                 continue;
             }
             let hash = blk.hash.expect("a published block has a hash");
-            // An operator's clear forgets: nothing goes down to a tier.
+            // An eviction like any other: with write-back on, the block
+            // goes down to the tiers (the staging bound caps how much).
+            self.demote_on_evict(b);
+            let blk = &mut self.blocks[b.index()];
             blk.published = false;
             self.index.remove(&hash);
             self.stats.evictions += 1;
