@@ -100,7 +100,7 @@ plants=(
   "serve a block without checking its payload|crates/store/src/ssd/record.rs|s/        if blake3::hash\(payload\)\.as_bytes\(\) != &self\.sums\[i\] \{/        if false {/"
   "index a record whose write failed|crates/store/src/ssd/mod.rs|s/            let _ = self\.io\.remove\(&tmp\);\n            self\.stats\.write_failures \+= 1;\n            return Err\(e\);/            let _ = e;\n            self.stats.write_failures += 1;/"
   "keep temporary files at recovery|crates/store/src/ssd/mod.rs|s/                let _ = self\.io\.remove\(&path\);\n                r\.temporary_removed \+= 1;\n                continue;/                r.temporary_removed += 1;\n                continue;/"
-  "serve another key under the hash|crates/store/src/ssd/mod.rs|s/if key_parent != parent \|\| h\.blocks\[i\]\.tokens != tokens \{/if false {/"
+  "serve another key under the hash|crates/store/src/ssd/mod.rs|s/h\.blocks\[k\]\.hash == hash && p == parent && h\.blocks\[k\]\.tokens == tokens/h.blocks[k].hash == hash \&\& p == parent/"
 )
 
 status=0

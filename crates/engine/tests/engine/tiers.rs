@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use strata_engine::{Engine, TierStores};
 use strata_kv::TokenId;
@@ -19,26 +18,7 @@ use strata_store::ssd::{RealIo, SsdConfig, SsdStore};
 
 use crate::fixture::{Setup, assert_whole, engine_tiered, greedy, model, outcome, prompt, solo};
 
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(name: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "strata-engine-tiers-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use strata_testkit::TempDir;
 
 /// The real file system, with each write, rename and read failing at
 /// random (`rate`), and reads now and then slow: a disk that errs.

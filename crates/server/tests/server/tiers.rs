@@ -3,31 +3,11 @@
 //! block but the capped last one cached, with the same greedy output; one
 //! server per directory; the tier's metrics; `strata cache` on it.
 
-use std::path::PathBuf;
-
 use serde_json::json;
 
 use crate::harness::TestServer;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("strata-server-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use strata_testkit::TempDir;
 
 fn long_prompt() -> String {
     (0..12)
@@ -56,7 +36,7 @@ fn complete(s: &TestServer) -> (String, u64, u64) {
 #[test]
 fn a_restart_on_the_same_directory_hits_every_block_and_answers_the_same() {
     let dir = TempDir::new("restart");
-    let flags = ["--ssd-cache-dir", dir.path(), "--ssd-cache-size", "64MiB"];
+    let flags = ["--ssd-cache-dir", dir.as_str(), "--ssd-cache-size", "64MiB"];
     let s = TestServer::tiny(&flags);
     let (cold, prompt, cached) = complete(&s);
     assert_eq!(cached, 0, "a fresh directory holds nothing");
@@ -125,7 +105,7 @@ fn chat(s: &TestServer, messages: &serde_json::Value) -> (String, u64, u64) {
 #[test]
 fn a_conversation_resent_after_a_restart_hits_its_earlier_turns() {
     let dir = TempDir::new("conversation");
-    let flags = ["--ssd-cache-dir", dir.path(), "--ssd-cache-size", "64MiB"];
+    let flags = ["--ssd-cache-dir", dir.as_str(), "--ssd-cache-size", "64MiB"];
     let first = json!([
         {"role": "system", "content": "you answer questions about the weather, briefly and kindly"},
         {"role": "user", "content": "what is the weather like today in the mountains?"}

@@ -438,45 +438,7 @@ impl SsdStore {
         parent: BlockHash,
         tokens: &[TokenId],
     ) -> Option<Vec<u8>> {
-        let Some(&(id, i)) = self.by_block.get(&hash) else {
-            self.stats.misses += 1;
-            return None;
-        };
-        let rec = &self.recs[&id];
-        let h = &rec.header;
-        let key_parent = if i == 0 {
-            h.parent
-        } else {
-            h.blocks[i - 1].hash
-        };
-        if key_parent != parent || h.blocks[i].tokens != tokens {
-            // Another chain's block under this hash: not ours to serve.
-            self.stats.misses += 1;
-            return None;
-        }
-        let range = h.block_range(i);
-        let read = self.io.read_at(&rec.path, range.start as u64, range.len());
-        let verified = match read {
-            Ok(bytes) => h.verify_block(i, &bytes).map(|()| bytes).map_err(|_| true),
-            Err(_) => Err(false),
-        };
-        match verified {
-            Ok(bytes) => {
-                self.touch(id);
-                self.stats.hits += 1;
-                Some(bytes)
-            }
-            Err(corrupt) => {
-                if corrupt {
-                    self.stats.corrupt_dropped += 1;
-                } else {
-                    self.stats.read_failures += 1;
-                }
-                self.drop_record(id);
-                self.stats.misses += 1;
-                None
-            }
-        }
+        self.get_run(&[(hash, parent, tokens)]).pop()
     }
 
     /// The payloads of consecutive blocks of one chain, given by their

@@ -11,27 +11,7 @@ use strata_store::ssd::{BlockKey, Io, RealIo, SsdConfig, SsdError, SsdStore};
 pub(crate) const FP: &[u8] = b"test-model;kv=f16;block-size=4";
 const BLOCK: usize = 256;
 
-/// A fresh directory under the system's temp dir, removed on drop.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(name: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "strata-ssd-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use strata_testkit::TempDir;
 
 pub(crate) fn config(dir: &Path, capacity: u64) -> SsdConfig {
     SsdConfig {
