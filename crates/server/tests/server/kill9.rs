@@ -2,7 +2,8 @@
 //! restart succeeds, leaves no temporary file once it is up, and every
 //! answer equals the answer of a server that never had a tier (no corrupt
 //! or torn block is ever served). CI: 50 kills; `STRATA_KILL9_RUNS=1000`
-//! for the long run.
+//! for the long run. Also: a second server on the default SSD directory
+//! warns and runs without the tier.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,31 @@ use strata_testkit::tiny_model::{self, TinyConfig};
 struct Proc {
     child: Child,
     base: String,
+    /// Every line it logged so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Whether it logs a line holding `what` within a few seconds.
+    fn logs(&self, what: &str) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+/// Where a started server keeps its SSD tier.
+#[derive(Clone, Copy)]
+enum Ssd<'a> {
+    Off,
+    Dir(&'a Path),
+    /// The default directory, `<cache>/kv`.
+    Default,
 }
 
 impl Drop for Proc {
@@ -26,7 +52,7 @@ impl Drop for Proc {
 }
 
 /// Starts `strata serve` on the tiny model and waits until it answers.
-fn start(cache: &Path, ssd: Option<&Path>) -> Proc {
+fn start(cache: &Path, ssd: Ssd<'_>) -> Proc {
     // Wide enough that a block is 64 KiB and a record takes a while to
     // write (a kill often lands inside one).
     let model = tiny_model::path(TinyConfig {
@@ -62,18 +88,22 @@ fn start(cache: &Path, ssd: Option<&Path>) -> Proc {
     .stderr(Stdio::piped());
     match ssd {
         // Synced writes: a record takes long enough to be killed mid-write.
-        Some(dir) => {
+        Ssd::Dir(dir) => {
             cmd.arg("--ssd-cache-dir")
                 .arg(dir)
                 .args(["--ssd-cache-size", "16MiB", "--ssd-sync"])
         }
-        None => cmd.args(["--ssd-cache-size", "0"]),
+        Ssd::Off => cmd.args(["--ssd-cache-size", "0"]),
+        Ssd::Default => cmd.args(["--ssd-cache-size", "16MiB"]),
     };
     let mut child = cmd.spawn().expect("the strata binary runs");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line.clone());
             if line.contains("listening")
                 && let Some(at) = line.find("http://")
             {
@@ -88,7 +118,7 @@ fn start(cache: &Path, ssd: Option<&Path>) -> Proc {
     let base = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the server says where it listens");
-    let p = Proc { child, base };
+    let p = Proc { child, base, log };
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(60) {
         if let Ok(r) = ureq::get(format!("{}/health", p.base)).call()
@@ -145,7 +175,7 @@ fn kill_9_while_writing_never_serves_a_bad_block_and_every_restart_recovers() {
     const PROMPTS: usize = 6;
     // The reference: a server with no tier at all.
     let want: Vec<String> = {
-        let p = start(&cache, None);
+        let p = start(&cache, Ssd::Off);
         (0..PROMPTS)
             .map(|k| complete(&p.base, k).unwrap())
             .collect()
@@ -154,7 +184,7 @@ fn kill_9_while_writing_never_serves_a_bad_block_and_every_restart_recovers() {
     let mut restored_runs = 0;
     let (mut cut_short, mut left_temporary) = (0, 0);
     for run in 0..runs {
-        let p = start(&cache, Some(&ssd));
+        let p = start(&cache, Ssd::Dir(&ssd));
         // Up, and recovered: nothing temporary is left from the last kill.
         let tmp = temporary_files(&ssd);
         assert!(
@@ -204,11 +234,32 @@ fn kill_9_while_writing_never_serves_a_bad_block_and_every_restart_recovers() {
         "most kills land while the server writes"
     );
     // The last kill's leftovers go at the next start, too.
-    let p = start(&cache, Some(&ssd));
+    let p = start(&cache, Ssd::Dir(&ssd));
     assert!(temporary_files(&ssd).is_empty());
     for (k, w) in want.iter().enumerate() {
         assert_eq!(complete(&p.base, k).as_deref(), Some(w.as_str()));
     }
     drop(p);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_second_server_on_the_default_ssd_directory_warns_and_runs_without_it() {
+    let root = strata_testkit::TempDir::new("default-ssd");
+    let cache = root.0.join("cache");
+    let first = start(&cache, Ssd::Default);
+    assert!(first.logs("SSD tier on"));
+    assert!(
+        cache.join("kv").join("records").is_dir(),
+        "the default directory is <cache>/kv"
+    );
+    let second = start(&cache, Ssd::Default);
+    assert!(
+        second.logs("running without an SSD tier"),
+        "{:?}",
+        second.log.lock().unwrap()
+    );
+    // Both serve, the same answer.
+    let (a, b) = (complete(&first.base, 0), complete(&second.base, 0));
+    assert!(a.is_some() && a == b);
 }
