@@ -183,7 +183,15 @@ impl Server {
         // tiers (the SSD directory's lock goes with them).
         if let Some(l) = self.state.loaded.get() {
             let l = l.clone();
-            let _ = tokio::task::spawn_blocking(move || l.engine.close()).await;
+            let closing = tokio::task::spawn_blocking(move || l.engine.close());
+            // A disk that hangs must not hang the exit: past this, the
+            // tiers' last writes are given up (a miss after the restart).
+            let bound = grace.max(Duration::from_secs(10));
+            if tokio::time::timeout(bound, closing).await.is_err() {
+                tracing::warn!(
+                    "the tiers did not close within {bound:?}: exiting without their last writes"
+                );
+            }
         }
     }
 }

@@ -65,7 +65,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let grace = args.shutdown_grace;
         // A spinner while fetching and loading (drawn only on a terminal).
         let bar = ProgressBar::new_spinner();
@@ -108,7 +108,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         server.shutdown(grace).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    // A close still stuck on a hung disk (see `Server::shutdown`) does not
+    // keep the process: records are crash-safe, so exiting is safe.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 /// SIGINT or SIGTERM.
