@@ -80,8 +80,24 @@ impl TierIndex {
         tokens: &[TokenId],
         tier: Tier,
     ) -> Result<(), TierError> {
+        if self.insert(hash, parent, tokens, tier, Landing::Landing) {
+            Ok(())
+        } else {
+            Err(TierError::Exists(hash))
+        }
+    }
+
+    /// A new entry in `state`, unless the hash has one (`false`).
+    fn insert(
+        &mut self,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[TokenId],
+        tier: Tier,
+        state: Landing,
+    ) -> bool {
         if self.entries.contains_key(&hash) {
-            return Err(TierError::Exists(hash));
+            return false;
         }
         self.entries.insert(
             hash,
@@ -89,12 +105,12 @@ impl TierIndex {
                 tier,
                 parent,
                 tokens: tokens.to_vec(),
-                state: Landing::Landing,
+                state,
                 pins: 0,
                 doomed: false,
             },
         );
-        Ok(())
+        true
     }
 
     /// The store wrote `hash`'s bytes (`ok`) or failed to: visible, or
@@ -177,21 +193,7 @@ impl TierIndex {
         tokens: &[TokenId],
         tier: Tier,
     ) -> bool {
-        if self.entries.contains_key(&hash) {
-            return false;
-        }
-        self.entries.insert(
-            hash,
-            Entry {
-                tier,
-                parent,
-                tokens: tokens.to_vec(),
-                state: Landing::Visible,
-                pins: 0,
-                doomed: false,
-            },
-        );
-        true
+        self.insert(hash, parent, tokens, tier, Landing::Visible)
     }
 
     /// Where the stores now hold `hash`: the fastest tier holding it, or

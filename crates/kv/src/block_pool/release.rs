@@ -41,7 +41,7 @@ impl BlockPool {
         let holder = self.holder(h)?;
         if !holder.restoring.is_empty() {
             // Cut below what restores: they become plain blocks first.
-            self.restore_failed_quietly(h);
+            self.abandon_restores(h);
         }
         let holder = self.holder(h)?;
         if holder.last_epoch > completed {

@@ -284,14 +284,9 @@ impl BlockPool {
         Ok(())
     }
 
-    /// Drops every outstanding restore of the holder, keeping the tier
-    /// entries (nothing was wrong with them): its targets become plain
-    /// blocks.
-    pub(super) fn restore_failed_quietly(&mut self, h: HolderId) {
-        self.abandon_restores(h);
-    }
-
-    /// Drops a releasing holder's outstanding restores.
+    /// Drops the holder's outstanding restores (a release, or a truncation
+    /// below them), keeping the tier entries: nothing was wrong with them,
+    /// and the targets become plain blocks.
     pub(super) fn abandon_restores(&mut self, h: HolderId) {
         let outstanding = std::mem::take(&mut self.holders[h.slot as usize].restoring);
         for o in &outstanding {
