@@ -575,3 +575,67 @@ fn fetch(
     }
     (out, located)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_store::ssd::{RealIo, SsdConfig};
+
+    /// A batch larger than the host tier spills what the host evicts to the
+    /// SSD along with the batch itself: each block is still written once,
+    /// as one record of the chain (before the fix, blocks the host evicted
+    /// a moment after taking them were written twice, in extra records).
+    #[test]
+    fn a_batch_past_the_host_tier_writes_each_block_once() {
+        let dir = strata_testkit::TempDir::new("demote-once");
+        let ssd = SsdStore::open(
+            SsdConfig {
+                dir: dir.0.clone(),
+                capacity: 1 << 20,
+                fingerprint: b"fp".to_vec(),
+                sync: false,
+            },
+            std::sync::Arc::new(RealIo),
+        )
+        .unwrap()
+        .0;
+        let bb = 64;
+        let mut stores = TierStores {
+            // One block (payload and key) fits.
+            host: Some(HostStore::new((bb + 4 * 4 + 16) as u64)),
+            ssd: Some(ssd),
+            write_back: true,
+            write_through: true,
+            min_chain: 1,
+            restore_policy: false,
+            ssd_read_delay: std::time::Duration::ZERO,
+            ssd_probe_ns: None,
+        };
+        let hash = |i: u128| BlockHash::from_bits(100 + i);
+        let batch = (0..3u128)
+            .map(|i| DemotedBytes {
+                demotion: Demotion {
+                    block: strata_kv::BlockId::new(i as u32),
+                    hash: hash(i),
+                    parent: if i == 0 {
+                        BlockHash::from_bits(1)
+                    } else {
+                        hash(i - 1)
+                    },
+                    tokens: (0..4).map(|k| TokenId::new(i as u32 * 4 + k)).collect(),
+                },
+                bytes: vec![i as u8; bb],
+            })
+            .collect();
+        let (located, failed, _) = demote(&mut stores, batch, bb);
+        assert_eq!(failed, 0);
+        assert_eq!(located.len(), 3, "{located:?}");
+        let s = stores.ssd.as_ref().unwrap().stats();
+        assert_eq!(
+            (s.written, s.blocks),
+            (1, 3),
+            "one record of the chain: {s:?}"
+        );
+        stores.ssd.as_ref().unwrap().check_invariants().unwrap();
+    }
+}

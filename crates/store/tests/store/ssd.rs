@@ -395,3 +395,44 @@ fn a_directory_this_tier_did_not_make_is_refused_not_cleaned() {
     drop(open(&t.0, 1 << 20));
     drop(open(&t.0, 1 << 20));
 }
+
+/// A write that fails evicts nothing: a disk failing every write keeps what
+/// it held instead of draining (before the fix, room was made first).
+#[test]
+fn a_failed_write_evicts_nothing() {
+    let d = TempDir::new("failed-write-keeps");
+    let rec = {
+        let mut s = open(&d.0, 1 << 20);
+        put(&mut s, 1, 0, 2).unwrap();
+        s.stats().bytes
+    };
+    // Room for exactly the records written so far: the next write needs
+    // an eviction, and it fails (recovery's two header reads come first).
+    let io = Arc::new(FailAt {
+        n: 2,
+        count: AtomicUsize::new(0),
+        failed: Default::default(),
+    });
+    let (mut s, _) = SsdStore::open(config(&d.0, rec), io).unwrap();
+    assert!(put(&mut s, 2, 0, 2).is_err());
+    assert_eq!(
+        s.stats().records,
+        1,
+        "the record held before the failure is still held"
+    );
+    assert!(get(&mut s, 1, 0).is_some());
+}
+
+/// A file whose name is the largest id never makes the store's ids wrap
+/// (before the fix, recovery raised the next id from the name alone and
+/// the next write overflowed).
+#[test]
+fn a_file_named_with_the_last_id_is_not_trusted() {
+    let d = TempDir::new("last-id");
+    drop(open(&d.0, 1 << 20));
+    std::fs::write(d.0.join("records/fffffffffffffffe.rec"), b"not a record").unwrap();
+    let mut s = open(&d.0, 1 << 20);
+    assert!(put(&mut s, 1, 0, 2).unwrap());
+    assert!(put(&mut s, 2, 0, 2).unwrap());
+    assert!(get(&mut s, 1, 1).is_some() && get(&mut s, 2, 1).is_some());
+}
