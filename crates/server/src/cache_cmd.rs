@@ -89,3 +89,56 @@ fn report(dir: &Path, verify: bool) -> Result<(String, bool), String> {
     }
     Ok((s, i.bad.is_empty()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use strata_kv::{BlockHash, TokenId};
+    use strata_store::ssd::{BlockKey, RealIo, SsdConfig, SsdStore};
+
+    use super::*;
+
+    /// `verify` fails (a non-zero exit) on a payload that does not verify,
+    /// though its header does; `stats`, which reads headers only, does not
+    /// (before the fix, verify's exit came from a headers-only look).
+    #[test]
+    fn verify_fails_on_a_bad_payload_and_stats_does_not() {
+        let dir = strata_testkit::TempDir::new("cache-verify");
+        {
+            let (mut s, _) = SsdStore::open(
+                SsdConfig {
+                    dir: dir.0.clone(),
+                    capacity: 1 << 20,
+                    fingerprint: b"fp".to_vec(),
+                    sync: false,
+                },
+                Arc::new(RealIo),
+            )
+            .unwrap();
+            let key = BlockKey {
+                hash: BlockHash::from_bits(7),
+                tokens: (0..4).map(TokenId::new).collect(),
+            };
+            s.put(BlockHash::from_bits(1), &[key], &[&[5u8; 128][..]])
+                .unwrap();
+        }
+        let cmd = |f: fn(Option<PathBuf>) -> CacheCommand| run(&f(Some(dir.0.clone())));
+        let verify = |d| CacheCommand::Verify { dir: d };
+        let stats = |d| CacheCommand::Stats { dir: d };
+        assert!(cmd(verify).is_ok());
+        let rec = std::fs::read_dir(dir.0.join("records"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut b = std::fs::read(&rec).unwrap();
+        let n = b.len();
+        b[n - 1] ^= 1;
+        std::fs::write(&rec, b).unwrap();
+        let out = cmd(verify).expect_err("a bad payload fails verify");
+        assert!(out.contains("FAILED"), "{out}");
+        assert!(cmd(stats).is_ok());
+    }
+}
