@@ -239,14 +239,17 @@ impl<R: Runner> Executor<R> {
                 })
                 .collect();
             if let Some(io) = &self.io {
-                let bytes: u64 = batch.iter().map(|d| d.bytes.len() as u64).sum();
-                if io.reserve(bytes) {
-                    io.send(Job::Demote(batch));
-                } else {
-                    // The disk is behind: these blocks are not written
-                    // (misses later), and their entries leave the index.
+                // Block by block: what fits the staging bound goes; the
+                // rest (the disk is behind) is not written, a miss later.
+                let (fits, over): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|d| io.reserve(d.bytes.len() as u64));
+                if !fits.is_empty() {
+                    io.send(Job::Demote(fits));
+                }
+                if !over.is_empty() {
                     io.send(Job::Dropped(
-                        batch.into_iter().map(|d| d.demotion.hash).collect(),
+                        over.into_iter().map(|d| d.demotion.hash).collect(),
                     ));
                 }
             }

@@ -310,7 +310,9 @@ pub(crate) fn start(
                     }
                     Job::Dropped(hashes) => {
                         publish_stats(&stores, &stats, |s| s.demotions_failed += hashes.len() as u64);
-                        Report::Located(hashes.into_iter().map(|h| (h, None)).collect())
+                        // Wherever a store still holds it (an earlier
+                        // write), it stays found.
+                        Report::Located(hashes.into_iter().map(|h| (h, location(&stores, h))).collect())
                     }
                     Job::Check(reply) => {
                         let r = stores

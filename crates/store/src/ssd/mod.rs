@@ -168,8 +168,18 @@ impl SsdStore {
             if !m.is_dir() {
                 return Err(SsdError::NotOurs(records_dir, "is not a directory"));
             }
+            // Files all named as this tier names them (a directory made
+            // before the marker existed) are adopted.
+            let foreign = |d: std::fs::ReadDir| {
+                d.filter_map(Result::ok).any(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    let stem = n.strip_suffix(".rec").or_else(|| n.strip_suffix(".tmp"));
+                    !stem.is_some_and(|h| h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+                })
+            };
             if std::fs::symlink_metadata(&marker).is_err()
-                && std::fs::read_dir(&records_dir).is_ok_and(|mut d| d.next().is_some())
+                && std::fs::read_dir(&records_dir).is_ok_and(foreign)
             {
                 return Err(SsdError::NotOurs(
                     records_dir,
@@ -374,7 +384,21 @@ impl SsdStore {
         // Written first, evicting only once it is: a disk that fails every
         // write never drains the tier. (The bound holds for visible
         // records; a temporary file is at most one record over it.)
-        let written = self.io.write_new(&tmp, &bytes, self.config.sync);
+        let mut written = self.io.write_new(&tmp, &bytes, self.config.sync);
+        if written
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
+        {
+            // The disk itself is full (other files, or a bound near the
+            // partition's size): make this record's room, then try once
+            // more, so a full disk does not freeze the tier.
+            let _ = self.io.remove(&tmp);
+            let target = self.used.saturating_sub(len);
+            while self.used > target && !self.recs.is_empty() {
+                self.evict_one();
+            }
+            written = self.io.write_new(&tmp, &bytes, self.config.sync);
+        }
         if let Err(e) = written {
             let _ = self.io.remove(&tmp);
             self.stats.write_failures += 1;
@@ -517,7 +541,8 @@ impl SsdStore {
         };
         if runs.len() > 1 {
             std::thread::scope(|sc| {
-                sc.spawn(work);
+                // No second thread to be had (limits): one does it all.
+                let _ = std::thread::Builder::new().spawn_scoped(sc, work);
                 work();
             });
         } else {

@@ -436,3 +436,44 @@ fn a_file_named_with_the_last_id_is_not_trusted() {
     assert!(put(&mut s, 2, 0, 2).unwrap());
     assert!(get(&mut s, 1, 1).is_some() && get(&mut s, 2, 1).is_some());
 }
+
+/// The disk itself fills up before the tier's bound: the write that finds
+/// it full evicts this record's room and tries once more, so the tier
+/// keeps taking new records instead of freezing on stale ones.
+#[test]
+fn a_full_disk_makes_room_and_writes() {
+    struct FullOnce(std::sync::atomic::AtomicBool);
+    impl Io for FullOnce {
+        fn write_new(&self, path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+            if self.0.swap(false, Ordering::Relaxed) {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            RealIo.write_new(path, bytes, sync)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            RealIo.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            RealIo.remove(path)
+        }
+        fn read_at(&self, path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            RealIo.read_at(path, at, len)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+            RealIo.list(dir)
+        }
+    }
+    let d = TempDir::new("disk-full");
+    {
+        let mut s = open(&d.0, 1 << 20);
+        put(&mut s, 1, 0, 2).unwrap();
+    }
+    let io = Arc::new(FullOnce(std::sync::atomic::AtomicBool::new(true)));
+    let (mut s, _) = SsdStore::open(config(&d.0, 1 << 20), io).unwrap();
+    assert!(put(&mut s, 2, 0, 2).unwrap(), "written after making room");
+    assert!(get(&mut s, 2, 1).is_some());
+    assert!(
+        get(&mut s, 1, 0).is_none(),
+        "the coldest record made the room"
+    );
+}
