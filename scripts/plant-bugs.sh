@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shows that the tests bite: plants known bugs in crates/kv,
-# crates/engine and crates/store, one at a time, runs that crate's tests (its unit tests and
+# crates/engine, crates/store and crates/bench, one at a time, runs that crate's tests (its unit tests and
 # its one integration binary) against each, and reports which tests caught
 # it. Every plant must be caught. Restores the sources afterwards (even on
 # Ctrl-C). Run from anywhere:
@@ -30,6 +30,11 @@ files=(
   crates/store/src/host.rs
   crates/store/src/ssd/mod.rs
   crates/store/src/ssd/record.rs
+  crates/bench/src/stats.rs
+  crates/bench/src/sse.rs
+  crates/bench/src/client.rs
+  crates/bench/src/arrivals.rs
+  crates/bench/src/run.rs
 )
 backup=$(mktemp -d)
 for f in "${files[@]}"; do
@@ -101,6 +106,14 @@ plants=(
   "index a record whose write failed|crates/store/src/ssd/mod.rs|s/            let _ = self\.io\.remove\(&tmp\);\n            self\.stats\.write_failures \+= 1;\n            return Err\(e\);/            let _ = e;\n            self.stats.write_failures += 1;/"
   "keep temporary files at recovery|crates/store/src/ssd/mod.rs|s/                let _ = self\.io\.remove\(&path\);\n                r\.temporary_removed \+= 1;\n                continue;/                r.temporary_removed += 1;\n                continue;/"
   "serve another key under the hash|crates/store/src/ssd/mod.rs|s/h\.blocks\[k\]\.hash == hash && p == parent && h\.blocks\[k\]\.tokens == tokens/h.blocks[k].hash == hash \&\& p == parent/"
+  # The benchmark's own logic.
+  "percentiles by nearest rank|crates/bench/src/stats.rs|s/Some\(v\[lo\] \+ \(v\[hi\] - v\[lo\]\) \* \(rank - lo as f64\)\)/Some(v[rank.round() as usize])/"
+  "a lone CR does not end an SSE line|crates/bench/src/sse.rs|s/b'\\\\n' \| b'\\\\r' => \{/b'\\\\n' => {/"
+  "the first token is any chunk, even an empty one|crates/bench/src/client.rs|s/if let Some\(t\) = text\.filter\(\|t\| !t\.is_empty\(\)\) \{/if let Some(t) = text {/"
+  "arrivals ignore the seed|crates/bench/src/arrivals.rs|s/ChaCha8Rng::seed_from_u64\(seed\)/ChaCha8Rng::seed_from_u64(0)/"
+  "no bound on requests in flight|crates/bench/src/run.rs|s/let _permit = self\.permits\.acquire\(\)\.await\.ok\(\)\?;/let _permit = ();/"
+  "the request cap is ignored|crates/bench/src/run.rs|s/>= self\.max_requests\b/>= usize::MAX/"
+  "a chat forgets the replies it resends|crates/bench/src/run.rs|s/history\.push\(\(\"assistant\"\.into\(\), reply\)\);/let _ = reply;/"
 )
 
 status=0

@@ -106,15 +106,16 @@ fn project(
     x: &[f32],
     rows: usize,
     pool: &rayon::ThreadPool,
+    exact: bool,
 ) -> Result<Vec<f32>, ModelError> {
     if let [one] = parts {
-        return one.forward(x, rows, pool);
+        return linear(one, x, rows, pool, exact);
     }
     let width: usize = parts.iter().map(|p| p.out).sum();
     let mut out = vec![0f32; rows * width];
     let mut col = 0;
     for p in parts {
-        let y = p.forward(x, rows, pool)?;
+        let y = linear(p, x, rows, pool, exact)?;
         for r in 0..rows {
             out[r * width + col..r * width + col + p.out]
                 .copy_from_slice(&y[r * p.out..(r + 1) * p.out]);
@@ -122,6 +123,21 @@ fn project(
         col += p.out;
     }
     Ok(out)
+}
+
+/// One linear layer: our kernels, or the exact reference product.
+fn linear(
+    l: &Linear,
+    x: &[f32],
+    rows: usize,
+    pool: &rayon::ThreadPool,
+    exact: bool,
+) -> Result<Vec<f32>, ModelError> {
+    if exact {
+        l.forward_exact(x, rows, pool)
+    } else {
+        l.forward(x, rows, pool)
+    }
 }
 
 impl LlamaModel {
@@ -189,6 +205,28 @@ impl LlamaModel {
                         + l.down.weight_bytes()
                 })
                 .sum::<usize>()
+    }
+
+    /// Multiply-accumulates of the layers' matmuls per token (every
+    /// layer's projections; attention's are not counted, they grow with
+    /// the context, and neither is the output head, which runs only for
+    /// the rows that sample: [`Self::output_macs`]).
+    pub fn matmul_macs_per_token(&self) -> usize {
+        let macs = |l: &Linear| l.out * l.input;
+        self.weights
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.iter().chain(&l.gate_up).map(macs).sum::<usize>()
+                    + macs(&l.wo)
+                    + macs(&l.down)
+            })
+            .sum()
+    }
+
+    /// Multiply-accumulates of the output head for one row.
+    pub fn output_macs(&self) -> usize {
+        self.weights.output.out * self.weights.output.input
     }
 
     /// The arena layout for `num_blocks` blocks of `block_size` tokens.
@@ -278,6 +316,30 @@ impl LlamaModel {
         batch: &[SeqInput<'_>],
         kv: &mut dyn KvStore,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_impl(batch, kv, false)
+    }
+
+    /// The forward pass as a numerical reference: the weights as the file
+    /// holds them (a tied output head is the stored embedding, never a
+    /// requantized copy), but activations never quantized, and
+    /// every matmul a dot of f32 values accumulated in f64. With a
+    /// [`KvStore`] that keeps K and V in f32 and attends in f64, what is
+    /// left is the model itself; quality checks compare both servers with
+    /// it. Many times slower than [`Self::forward_with`].
+    pub fn forward_reference(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &mut dyn KvStore,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_impl(batch, kv, true)
+    }
+
+    fn forward_impl(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &mut dyn KvStore,
+        exact: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
         let mut rows = Vec::new();
         let mut ids = Vec::new();
@@ -326,7 +388,7 @@ impl LlamaModel {
                     &mut normed[r * h..(r + 1) * h],
                 );
             }
-            let mut qkv = project(&layer.qkv, &normed, n, &self.pool)?;
+            let mut qkv = project(&layer.qkv, &normed, n, &self.pool, exact)?;
             let w = h + 2 * kvw;
             for (r, row) in rows.iter().enumerate() {
                 let (q, rest) = qkv[r * w..(r + 1) * w].split_at_mut(h);
@@ -339,7 +401,7 @@ impl LlamaModel {
                 .flat_map(|r| qkv[r * w..r * w + h].iter().copied())
                 .collect();
             kv.attend(li, &rows, &q, &mut attn);
-            let o = layer.wo.forward(&attn, n, &self.pool)?;
+            let o = linear(&layer.wo, &attn, n, &self.pool, exact)?;
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -351,14 +413,14 @@ impl LlamaModel {
                     &mut normed[r * h..(r + 1) * h],
                 );
             }
-            let gu = project(&layer.gate_up, &normed, n, &self.pool)?;
+            let gu = project(&layer.gate_up, &normed, n, &self.pool, exact)?;
             let f = c.ffn;
             let mut act = vec![0f32; n * f];
             for r in 0..n {
                 let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
                 crate::attention::swiglu(g, u, &mut act[r * f..(r + 1) * f]);
             }
-            let d = layer.down.forward(&act, n, &self.pool)?;
+            let d = linear(&layer.down, &act, n, &self.pool, exact)?;
             for (xv, dv) in x.iter_mut().zip(&d) {
                 *xv += dv;
             }
@@ -388,9 +450,15 @@ impl LlamaModel {
         let logits = if out_rows.is_empty() {
             Vec::new()
         } else {
-            self.weights
-                .output
-                .forward(&hs, out_rows.len(), &self.pool)?
+            // The reference runs the file's own output head: with tied
+            // embeddings that is the embedding matrix as stored, not the
+            // Q8_0 copy a Q4_1 or Q5 embedding is requantized to for speed.
+            let head = if exact && c.tied_embeddings {
+                &self.weights.embed
+            } else {
+                &self.weights.output
+            };
+            linear(head, &hs, out_rows.len(), &self.pool, exact)?
         };
         let mut out = Vec::new();
         let mut at = 0;

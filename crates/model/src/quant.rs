@@ -34,7 +34,7 @@ const QK: usize = 32;
 /// Weight rows per group.
 const G: usize = 8;
 /// Activation rows per tile.
-const TILE: usize = 8;
+pub(crate) const TILE: usize = 8;
 
 /// One block in a canonical form: `w = d * q + m` (f16 bits for d and m).
 #[derive(Clone, Copy)]
@@ -294,6 +294,25 @@ impl<F: Format> QMatrix<F> {
         Ok(Self { rows, cols, groups })
     }
 
+    /// Dots every group of weight rows with `acts` (1 to `TILE` rows of
+    /// `cols / QK` blocks each), discarding the products but their sum: the
+    /// kernel alone, for measuring its peak on cache-resident data.
+    pub(crate) fn dot_all_groups(&self, acts: &[ActBlock], rows: usize) -> f32 {
+        let kb = self.cols / QK;
+        let mut tile = [[0f32; G]; TILE];
+        let mut sum = 0f32;
+        for g in 0..self.rows.div_ceil(G) {
+            dot_tile::<F>(
+                &self.groups[g * kb..(g + 1) * kb],
+                acts,
+                kb,
+                &mut tile[..rows],
+            );
+            sum += tile[0][0];
+        }
+        sum
+    }
+
     /// Bytes of weights (the file's, without the padding rows).
     pub(crate) fn bytes(&self) -> usize {
         self.rows * self.cols / QK * F::BYTES
@@ -363,6 +382,16 @@ impl<F: Format> QMatrix<F> {
         pool.install(|| (0..tasks).into_par_iter().for_each(kernel));
         out
     }
+}
+
+/// `x` (`m` rows of `cols`) quantized as the kernel reads it.
+pub(crate) fn quantize_rows(x: &[f32], cols: usize) -> Vec<ActBlock> {
+    let kb = cols / QK;
+    let mut acts = vec![ZERO_ACT; x.len() / cols * kb];
+    for (row, out) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(kb)) {
+        quantize_row(row, out);
+    }
+    acts
 }
 
 /// 8-bit quantization of one row, per block of 32 (GGML's Q8_1 rule).

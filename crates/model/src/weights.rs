@@ -179,6 +179,64 @@ impl Linear {
         Ok(out)
     }
 
+    /// The same product with nothing rounded but the weights themselves:
+    /// activations stay f32 and every dot accumulates in f64. The
+    /// reference that [`crate::LlamaModel::forward_reference`] runs; slow.
+    pub(crate) fn forward_exact(
+        &self,
+        x: &[f32],
+        rows: usize,
+        pool: &rayon::ThreadPool,
+    ) -> Result<Vec<f32>, ModelError> {
+        use rayon::prelude::*;
+        debug_assert_eq!(x.len(), rows * self.input);
+        let (n, k) = (self.out, self.input);
+        let dense: Option<Vec<f32>> = match &self.kernel {
+            Kernel::Candle(QMatMul::QTensor(t)) => {
+                Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+            }
+            Kernel::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Some(
+                t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ),
+            _ => None,
+        };
+        let weight_row = |j: usize, w: &mut [f32]| match (&self.kernel, &dense) {
+            (Kernel::Q41(m), _) => m.dequantize_row(j, w),
+            (Kernel::Q80(m), _) => m.dequantize_row(j, w),
+            (_, Some(d)) => w.copy_from_slice(&d[j * k..(j + 1) * k]),
+            (_, None) => unreachable!("a candle kernel has its dense copy"),
+        };
+        // Column j of the output for every row: one weight row at a time.
+        let cols: Vec<Vec<f32>> = pool.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map_init(
+                    || vec![0f32; k],
+                    |w, j| {
+                        weight_row(j, w);
+                        x.chunks_exact(k)
+                            .map(|xr| {
+                                xr.iter()
+                                    .zip(w.iter())
+                                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                    .sum::<f64>() as f32
+                            })
+                            .collect()
+                    },
+                )
+                .collect()
+        });
+        let mut out = vec![0f32; rows * n];
+        for (j, col) in cols.iter().enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                out[r * n + j] = *v;
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of weights this layer reads per matmul.
     pub(crate) fn weight_bytes(&self) -> usize {
         match &self.kernel {

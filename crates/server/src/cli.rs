@@ -1,4 +1,5 @@
-//! The command line: `strata serve`, `strata fetch-model` and `strata cache`.
+//! The command line: `strata serve`, `strata fetch-model`, `strata cache`
+//! and `strata bench` (whose arguments are the bench crate's).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -28,6 +29,11 @@ pub enum Command {
     /// Looks at, verifies or empties an SSD tier's directory.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Benchmarks any OpenAI-compatible server (workloads w1-w8, ShareGPT
+    /// replay), the machine's roofline and quality parity with llama.cpp,
+    /// and writes BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(Box<strata_bench::cli::BenchCommand>),
 }
 
 /// `strata cache ...`: DIR defaults to the SSD tier's default directory

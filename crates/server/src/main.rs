@@ -2,7 +2,8 @@
 //!
 //! `strata serve` serves a model (the default one with no arguments) over
 //! the OpenAI-compatible HTTP API on 127.0.0.1; `strata fetch-model` only
-//! fetches the default model; `strata cache` looks at the SSD tier. See
+//! fetches the default model; `strata cache` looks at the SSD tier;
+//! `strata bench` measures a server (this one or another). See
 //! `strata --help`.
 
 use std::process::ExitCode;
@@ -29,6 +30,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve(args) => serve(*args),
+        Command::Bench(cmd) => match strata_bench::cli::main(*cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strata bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cache(cmd) => match strata_server::cache_cmd::run(&cmd) {
             Ok(out) => {
                 print!("{out}");

@@ -25,7 +25,7 @@ pub(crate) fn tiny(seed: u64) -> LlamaModel {
     .unwrap()
 }
 
-fn shape(m: &LlamaModel) -> AttnShape {
+pub(crate) fn shape(m: &LlamaModel) -> AttnShape {
     let c = m.config();
     AttnShape {
         heads: c.heads,

@@ -151,3 +151,50 @@ fn real_model_paged_equals_contiguous_batch_invariance_and_sharing() {
     crate::paged::sharing_is_invisible(&model, 3);
     crate::paged::all_rows_are_each_prefix(&model, 12);
 }
+
+/// The numerical reference (`forward_reference`: activations never
+/// quantized, f64 accumulation, K and V unrounded) computes the same model
+/// as the served path: the same top-1 almost everywhere and logits a few
+/// hundredths apart, but not bit-identical (it is another code path).
+#[test]
+fn real_model_reference_forward_is_the_served_model_without_rounding() {
+    let (model, tok) = load(false);
+    let tokens = tok
+        .encode(include_str!("../fixtures/real_text.txt"))
+        .unwrap();
+    let tokens = &tokens[..160];
+    let c = model.config().clone();
+    let batch = [SeqInput {
+        tokens,
+        start: 0,
+        block_table: &[],
+        logits: Logits::All,
+    }];
+    let shape = crate::paged::shape(&model);
+    let mut exact_kv = crate::reference::ContiguousKv::new(shape, c.layers, 1, false);
+    let exact = model
+        .forward_reference(&batch, &mut exact_kv)
+        .unwrap()
+        .remove(0);
+    let mut kv = crate::reference::ContiguousKv::new(shape, c.layers, 1, true);
+    let ours = model.forward_with(&batch, &mut kv).unwrap().remove(0);
+    assert_eq!(exact.len(), tokens.len() * c.vocab);
+    let rows = |v: &[f32]| v.chunks_exact(c.vocab).map(argmax).collect::<Vec<_>>();
+    let agree = agreement(&rows(&exact), &rows(&ours));
+    let mean_abs = exact
+        .iter()
+        .zip(&ours)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .sum::<f64>()
+        / exact.len() as f64;
+    eprintln!(
+        "reference vs served path: top-1 agreement {:.1}%, mean |logit difference| {mean_abs:.4}",
+        agree * 100.0
+    );
+    assert!(agree >= 0.95, "top-1 agreement {agree}");
+    assert!(mean_abs < 0.3, "mean |logit difference| {mean_abs}");
+    assert!(
+        mean_abs > 0.0,
+        "the reference should not be the served path itself"
+    );
+}
