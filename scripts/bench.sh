@@ -151,6 +151,7 @@ for w in $only; do
       "$bin/llama-perplexity" -m "$model" -f "$text" -c 512 -t "$threads" ${chunks[@]+"${chunks[@]}"} \
         --kl-divergence-base "$scratch/llama-logits.bin" >"$scratch/ppl.log" 2>&1
       ppl=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$scratch/ppl.log")
+      if [ -z "$ppl" ]; then echo "llama-perplexity printed no PPL estimate: see its log" >&2; exit 1; fi
       start_strata "${no_tiers[@]}"
       "$strata" bench quality --url "http://127.0.0.1:$port/v1" --model "$model" \
         --llama-logits "$scratch/llama-logits.bin" ${ppl:+--llama-ppl "$ppl"} ${QUICK:+--reference-chunks 1} \

@@ -73,10 +73,31 @@ pub fn read_logits(path: &Path) -> Result<(LogitsHeader, Vec<Vec<BaseRow>>)> {
             .collect())
     };
     let h = i32s(3, &mut r)?;
-    let (n_ctx, n_vocab, n_chunk) = (h[0] as usize, h[1] as usize, h[2] as usize);
-    if n_ctx < 4 || n_vocab == 0 || n_chunk == 0 || n_vocab > 1 << 22 {
+    let dim = |v: i32| usize::try_from(v).ok();
+    let (Some(n_ctx), Some(n_vocab), Some(n_chunk)) = (dim(h[0]), dim(h[1]), dim(h[2])) else {
+        bail!("{}: negative sizes in the header {h:?}", path.display());
+    };
+    if n_ctx < 4 || n_vocab == 0 || n_chunk == 0 || n_vocab > 1 << 22 || n_ctx > 1 << 22 {
         bail!(
             "{}: implausible header n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}",
+            path.display()
+        );
+    }
+    let (first, nv) = (n_ctx / 2, 2 * n_vocab.div_ceil(2) + 4);
+    let expected = n_chunk
+        .checked_mul(n_ctx)
+        .and_then(|t| t.checked_mul(4))
+        .and_then(|t| t.checked_add(20))
+        .and_then(|t| {
+            n_chunk
+                .checked_mul(n_ctx - 1 - first)?
+                .checked_mul(nv * 2)?
+                .checked_add(t)
+        });
+    let len = std::fs::metadata(path)?.len();
+    if expected.is_none_or(|e| e as u64 != len) {
+        bail!(
+            "{}: {len} bytes, but its header (n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}) says {expected:?}: the file ends early or is not llama-perplexity's",
             path.display()
         );
     }
@@ -84,8 +105,12 @@ pub fn read_logits(path: &Path) -> Result<(LogitsHeader, Vec<Vec<BaseRow>>)> {
         .into_iter()
         .map(|t| t as u32)
         .collect();
-    let first = n_ctx / 2;
-    let nv = 2 * n_vocab.div_ceil(2) + 4;
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+        bail!(
+            "{}: token {t} is outside the vocabulary of {n_vocab}",
+            path.display()
+        );
+    }
     let mut row = vec![0u8; nv * 2];
     let mut chunks = Vec::with_capacity(n_chunk);
     for c in 0..n_chunk {
@@ -371,6 +396,14 @@ pub async fn compare(
     let (h, base) = read_logits(logits)?;
     let gguf = Gguf::open(model).with_context(|| format!("opening {}", model.display()))?;
     let tok = Tokenizer::from_gguf(gguf.content())?;
+    if tok.vocab_size() != h.n_vocab {
+        bail!(
+            "the logits file has a vocabulary of {} but {} has {}: not the same model",
+            h.n_vocab,
+            model.display(),
+            tok.vocab_size()
+        );
+    }
     let first = h.n_ctx / 2;
     let chunks = max_chunks.unwrap_or(h.n_chunk).min(h.n_chunk);
     let mut p = Parity {
@@ -452,12 +485,17 @@ pub async fn compare(
             let s = &served[first + i];
             nll_s -= s.actual_logprob;
             nll_l -= f64::from(b.actual_logprob);
-            let d = (s.actual_logprob - f64::from(b.actual_logprob)).abs();
-            tok_diff += d;
-            p.max_abs_token_logprob_diff = p.max_abs_token_logprob_diff.max(d);
-            let base_text =
-                String::from_utf8_lossy(tok.token_bytes(TokenId::new(b.top1))).into_owned();
-            if base_text == s.top1_text {
+            if b.clamped {
+                p.clamped_positions += 1;
+            } else {
+                let d = (s.actual_logprob - f64::from(b.actual_logprob)).abs();
+                tok_diff += d;
+                p.max_abs_token_logprob_diff = p.max_abs_token_logprob_diff.max(d);
+            }
+            if s.top1_text.contains('\u{FFFD}') {
+                p.ambiguous_top1 += 1;
+            } else if String::from_utf8_lossy(tok.token_bytes(TokenId::new(b.top1))) == s.top1_text
+            {
                 agree += 1;
                 top_diff += (s.top1_logprob - f64::from(b.top1_logprob)).abs();
             }
@@ -467,7 +505,12 @@ pub async fn compare(
     let n = p.positions.max(1) as f64;
     p.ppl_strata = (nll_s / n).exp();
     p.ppl_llama_file = (nll_l / n).exp();
-    p.ppl_relative_diff = p.ppl_strata / ppl_reported.unwrap_or(p.ppl_llama_file) - 1.0;
+    // llama-perplexity's printed figure covers every chunk: over fewer,
+    // compare with the file's figure over the same positions.
+    let llama_ppl = ppl_reported
+        .filter(|_| chunks == h.n_chunk)
+        .unwrap_or(p.ppl_llama_file);
+    p.ppl_relative_diff = p.ppl_strata / llama_ppl - 1.0;
     // The file read back must give llama.cpp's own figure (to within its
     // clamping): else this reader has misread its format.
     if let Some(r) = ppl_reported.filter(|_| chunks == h.n_chunk)

@@ -75,6 +75,13 @@ impl SseParser {
             None => (line, &[][..]),
         };
         if field == b"data" {
+            // One event's data is bounded like a line: a server that never
+            // ends its event cannot grow it without limit.
+            if self.data.iter().map(String::len).sum::<usize>() + value.len() > MAX_LINE {
+                self.overflow = true;
+                self.data.clear();
+                return;
+            }
             self.data.push(String::from_utf8_lossy(value).into_owned());
         }
     }
