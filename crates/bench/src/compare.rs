@@ -512,17 +512,7 @@ pub fn write_report(dir: &Path, out: &Path, plots: &Path) -> Result<()> {
     }
     // Every workload's tables.
     s.push_str("## Workloads\n\n");
-    for wl in [
-        "w1",
-        "w2",
-        "w3",
-        "w4",
-        "w5",
-        "w6-cold",
-        "w6-restart",
-        "w7",
-        "w8",
-    ] {
+    for &wl in crate::workload::BUILTIN {
         for label in [STRATA, STRATA_TIERS, PEER] {
             if let Some(r) = run(dir, label, wl) {
                 s.push_str(&markdown(&r));

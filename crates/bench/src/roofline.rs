@@ -167,27 +167,6 @@ pub fn measure(
     let mut roofs = Vec::new();
     let mut head = None;
     for &th in threads {
-        say(&format!("{th} thread(s): read bandwidth"));
-        let read_gb_s = read_bandwidth(&buf, th, runs.max(5));
-        say(&format!("{th} thread(s): int8 kernel peak"));
-        let weights_sized = {
-            let words = (LlamaModel::open(
-                path,
-                LoadOptions {
-                    threads: 1,
-                    requantize: false,
-                },
-            )?
-            .weight_bytes()
-                / 8)
-            .min(buf.len());
-            read_bandwidth(&buf[..words], th, runs.max(5) * 4)
-        };
-        let kernel_gmac_s = median(
-            &(0..runs.max(3))
-                .map(|_| strata_model::int8_kernel_peak(th, Duration::from_millis(300)))
-                .collect::<Vec<_>>(),
-        );
         say(&format!("{th} thread(s): loading the model"));
         let model = LlamaModel::load(
             &mut Gguf::open(path).with_context(|| format!("opening {}", path.display()))?,
@@ -196,6 +175,16 @@ pub fn measure(
                 requantize: false,
             },
         )?;
+        say(&format!("{th} thread(s): read bandwidth"));
+        let read_gb_s = read_bandwidth(&buf, th, runs.max(5));
+        let words = (model.weight_bytes() / 8).min(buf.len());
+        let weights_sized = read_bandwidth(&buf[..words], th, runs.max(5) * 4);
+        say(&format!("{th} thread(s): int8 kernel peak"));
+        let kernel_gmac_s = median(
+            &(0..runs.max(3))
+                .map(|_| strata_model::int8_kernel_peak(th, Duration::from_millis(300)))
+                .collect::<Vec<_>>(),
+        );
         let c = model.config();
         let kv_per_token = (c.layers * c.kv_heads * c.head_dim * 2 * 2) as u64;
         let weight_bytes = model.weight_bytes() as u64;

@@ -115,11 +115,10 @@ pub fn body(
         "stream_options": {"include_usage": true},
         "ignore_eos": true,
     });
-    let chat: Option<&[(String, String)]> = match (&req.prompt, messages) {
-        (_, Some(m)) => Some(m),
-        (Prompt::Chat(m), None) => Some(m),
-        (Prompt::Text(_), None) => None,
-    };
+    let chat = messages.or(match &req.prompt {
+        Prompt::Chat(m) => Some(m.as_slice()),
+        Prompt::Text(_) => None,
+    });
     let path = match (chat, &req.prompt) {
         (Some(m), _) => {
             b["messages"] = m

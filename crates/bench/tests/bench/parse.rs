@@ -496,3 +496,29 @@ fn the_sustainable_rate_is_the_last_rate_before_the_first_that_fails() {
         (None, true)
     );
 }
+
+#[test]
+fn an_event_that_never_ends_is_bounded_too() {
+    // Short data lines with no blank line between them: each line is
+    // within the cap, their event is not.
+    let mut p = SseParser::new();
+    let line = format!("data: {}\n", "y".repeat(1_000));
+    for _ in 0..(strata_bench::sse::MAX_LINE / 1_000 + 10) {
+        p.push(line.as_bytes());
+    }
+    assert!(p.overflowed());
+}
+
+#[test]
+fn a_logits_header_with_negative_sizes_is_refused() {
+    let dir = std::env::temp_dir().join(format!("strata-bench-neg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut b = b"_logits_".to_vec();
+    for v in [512i32, -5, 4] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(dir.join("neg.bin"), b).unwrap();
+    let e = format!("{:#}", read_logits(&dir.join("neg.bin")).unwrap_err());
+    assert!(e.contains("negative"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
