@@ -16,7 +16,7 @@ use std::time::Instant;
 use strata_kv::{
     Access, BlockId, Demotion, Epoch, Generation, KvCache, PoolGuard, SlotRef, TokenId,
 };
-use strata_model::{LlamaModel, Logits, Sampled, Sampler, SamplingParams, SeqInput};
+use strata_model::{Constraint, LlamaModel, Logits, Sampled, Sampler, SamplingParams, SeqInput};
 use strata_store::Arena;
 
 use crate::request::RequestId;
@@ -161,6 +161,9 @@ pub(crate) struct FailedRow {
     pub(crate) error: String,
     /// The row was to sample (a sample the scheduler waits for).
     pub(crate) sampling: bool,
+    /// Its grammar reached a dead end or failed (the request's own
+    /// grammar, not the step).
+    pub(crate) grammar: bool,
 }
 
 /// What a step produced.
@@ -178,6 +181,10 @@ pub(crate) struct StepResult {
     pub(crate) lock_wait_nanos: u64,
     /// Rows (tokens) the forward pass computed.
     pub(crate) rows: usize,
+    /// Grammar masks computed for this step's samples, and their time
+    /// (beside the forward pass, on a thread of their own).
+    pub(crate) masks: u64,
+    pub(crate) mask_nanos: u64,
 }
 
 /// Per-sequence state that lives with the executor.
@@ -185,6 +192,8 @@ pub(crate) struct Executor<R> {
     runner: R,
     cache: KvCache,
     samplers: HashMap<RequestId, Sampler>,
+    /// Sequences whose output a grammar constrains.
+    constraints: HashMap<RequestId, Constraint>,
     /// The token each sequence's latest step sampled.
     last: HashMap<RequestId, TokenId>,
     /// Sequences whose rows failed in the previous step: their rows in this
@@ -207,6 +216,7 @@ impl<R: Runner> Executor<R> {
             runner,
             cache,
             samplers: HashMap::new(),
+            constraints: HashMap::new(),
             last: HashMap::new(),
             doomed: HashSet::new(),
             sanitizer,
@@ -285,6 +295,7 @@ impl<R: Runner> Executor<R> {
         self.lock_wait = 0;
         for id in &step.retire {
             self.samplers.remove(id);
+            self.constraints.remove(id);
             self.last.remove(id);
         }
         let mut failed = Vec::new();
@@ -296,6 +307,7 @@ impl<R: Runner> Executor<R> {
                     seq: r.seq,
                     error: "a step this row builds on failed".into(),
                     sampling: r.sample,
+                    grammar: false,
                 });
             }
             !doomed.contains(&r.seq)
@@ -325,6 +337,7 @@ impl<R: Runner> Executor<R> {
                             seq: r.seq,
                             error,
                             sampling: r.sample,
+                            grammar: false,
                         });
                         unresolved.push(r.seq);
                         false
@@ -339,16 +352,57 @@ impl<R: Runner> Executor<R> {
             self.last.remove(&seq);
             self.doomed.insert(seq);
         }
+        // A sequence's sampler (and grammar) exists from its first sample.
+        for r in rows.iter().filter(|r| r.sample) {
+            if !self.samplers.contains_key(&r.seq) {
+                let (params, prompt) = r.sampler.clone().unwrap_or_default();
+                if let Some(g) = &params.grammar {
+                    self.constraints.insert(r.seq, g.start());
+                }
+                self.samplers.insert(r.seq, Sampler::new(params, &prompt));
+            }
+        }
+        // The masks of this step's constrained samples depend only on the
+        // tokens sampled before it, all known now: they are computed on a
+        // thread of their own while the forward pass runs, and are ready
+        // (or nearly) when its logits are.
+        let masked: Vec<RequestId> = rows
+            .iter()
+            .filter(|r| r.sample && self.constraints.contains_key(&r.seq))
+            .map(|r| r.seq)
+            .collect();
+        let constraints = std::mem::take(&mut self.constraints);
         let moved = self.transfers(&step.demotions, &step.poison, &step.restores);
-        let outcome = if let Err(e) = moved {
-            Err(e)
-        } else if rows.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.validate(step.epoch, &rows)
-                .and_then(|()| self.forward(&rows))
-                .and_then(|l| self.validate(step.epoch, &rows).map(|()| l))
-        };
+        let (outcome, constraints) = std::thread::scope(|scope| {
+            let mut constraints = Some(constraints);
+            let masks = (!masked.is_empty()).then(|| {
+                let (masked, mut constraints) = (&masked, constraints.take().expect("taken once"));
+                scope.spawn(move || {
+                    for id in masked {
+                        if let Some(c) = constraints.get_mut(id) {
+                            c.compute_mask();
+                        }
+                    }
+                    constraints
+                })
+            });
+            let outcome = if let Err(e) = moved {
+                Err(e)
+            } else if rows.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.validate(step.epoch, &rows)
+                    .and_then(|()| self.forward(&rows))
+                    .and_then(|l| self.validate(step.epoch, &rows).map(|()| l))
+            };
+            let constraints = match masks {
+                Some(h) => h.join().expect("llguidance catches its own panics"),
+                None => constraints.expect("not taken"),
+            };
+            (outcome, constraints)
+        });
+        self.constraints = constraints;
+        let (mut masks, mut mask_nanos) = (0, 0);
         let mut samples = Vec::new();
         let mut scores = Vec::new();
         let epoch = step.epoch;
@@ -388,7 +442,34 @@ impl<R: Runner> Executor<R> {
                         let (params, prompt) = r.sampler.clone().unwrap_or_default();
                         Sampler::new(params, &prompt)
                     });
-                    let sampled = sampler.sample(&l);
+                    let sampled = match self.constraints.get_mut(&r.seq) {
+                        None => Ok(sampler.sample(&l)),
+                        Some(c) => {
+                            c.compute_mask();
+                            masks += 1;
+                            mask_nanos += c.mask_nanos();
+                            let sampled = c.mask().and_then(|m| {
+                                sampler.sample_masked(&l, Some(m)).ok_or_else(|| {
+                                    "the grammar reached a dead end: no token may continue it here (min_tokens or ignore_eos can forbid its only ending)".to_string()
+                                })
+                            });
+                            sampled.and_then(|s| c.commit(s.token).map(|()| s))
+                        }
+                    };
+                    let sampled = match sampled {
+                        Ok(s) => s,
+                        Err(error) => {
+                            self.last.remove(&r.seq);
+                            self.doomed.insert(r.seq);
+                            failed.push(FailedRow {
+                                seq: r.seq,
+                                error,
+                                sampling: true,
+                                grammar: true,
+                            });
+                            continue;
+                        }
+                    };
                     self.last.insert(r.seq, sampled.token);
                     samples.push((r.seq, sampled));
                 }
@@ -405,6 +486,7 @@ impl<R: Runner> Executor<R> {
                         seq: r.seq,
                         error: format!("step failed: {e}"),
                         sampling: r.sample,
+                        grammar: false,
                     });
                 }
                 let mut g = lock_counted(&self.cache, &mut self.lock_wait);
@@ -421,6 +503,8 @@ impl<R: Runner> Executor<R> {
             nanos: t0.elapsed().as_nanos() as u64,
             lock_wait_nanos: self.lock_wait,
             rows: computed_rows,
+            masks,
+            mask_nanos,
         }
     }
 

@@ -98,6 +98,9 @@ pub enum FinishReason {
     Abort,
     /// A step carrying the request failed.
     Error(String),
+    /// The request's grammar reached a dead end (no token could continue
+    /// it) or refused a token: the request's own input, not the engine.
+    Grammar(String),
     /// The request's deadline passed.
     Timeout,
 }

@@ -81,6 +81,10 @@ pub struct Counters {
     pub step_nanos: u64,
     /// Of those, nanoseconds the executor waited for the KV pool's lock.
     pub lock_wait_nanos: u64,
+    /// Grammar masks computed (one per constrained sample).
+    pub grammar_masks: u64,
+    /// Nanoseconds spent computing them (beside the forward pass).
+    pub grammar_mask_nanos: u64,
     /// Nanoseconds the scheduler held the KV pool's lock while planning.
     pub plan_lock_nanos: u64,
     /// Nanoseconds the scheduler spent planning steps and applying their

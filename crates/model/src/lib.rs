@@ -11,6 +11,7 @@ mod chat_template;
 mod config;
 pub mod default_model;
 mod error;
+mod grammar;
 mod llama;
 mod quant;
 mod roofline;
@@ -24,6 +25,7 @@ pub use attention::{
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopePairing};
 pub use error::ModelError;
+pub use grammar::{Constraint, GRAMMAR_CACHE, Grammar, GrammarSpec, Grammars, allows};
 pub use llama::{KV_FORMAT_VERSION, LlamaModel, LoadOptions, Logits, SeqInput};
 pub use roofline::int8_kernel_peak;
 pub use sampling::{Sampled, Sampler, SamplingParams, score};

@@ -10,10 +10,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use strata_store::TokenId;
+
+use crate::grammar::Grammar;
 
 /// What the request asked for.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +42,8 @@ pub struct SamplingParams {
     /// Return the log-probabilities of this many top tokens (0: only the
     /// chosen token's).
     pub top_logprobs: usize,
+    /// Constrain the output to this grammar.
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 impl Default for SamplingParams {
@@ -54,6 +59,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
             top_logprobs: 0,
+            grammar: None,
         }
     }
 }
@@ -121,8 +127,24 @@ impl Sampler {
 
     /// Picks the next token and records it as output.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_masked(logits, None)
+            .expect("without a mask every token may be sampled")
+    }
+
+    /// Picks the next token among those `mask` allows (a bit per token id,
+    /// as [`crate::Constraint::mask`] gives), and records it as output;
+    /// `None` if the mask leaves no token that can be sampled (a dead
+    /// end). Log-probabilities stay the raw distribution's.
+    pub fn sample_masked(&mut self, logits: &[f32], mask: Option<&[u32]>) -> Option<Sampled> {
         let p = &self.params;
         let mut l = logits.to_vec();
+        if let Some(m) = mask {
+            for (i, x) in l.iter_mut().enumerate() {
+                if !crate::grammar::allows(m, i) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
         for &(t, b) in &p.logit_bias {
             if let Some(x) = l.get_mut(t.get() as usize) {
                 *x += b;
@@ -146,15 +168,18 @@ impl Sampler {
                 }
             }
         }
+        if mask.is_some() && !l.iter().any(|x| x.is_finite()) {
+            return None;
+        }
         let (greedy, n_top) = (p.temperature <= 0.0, p.top_logprobs);
         let token = if greedy { argmax(&l) } else { self.draw(&l) };
         let (logprob, top) = logprobs(logits, token, n_top);
         *self.output_counts.entry(token as u32).or_insert(0) += 1;
-        Sampled {
+        Some(Sampled {
             token: TokenId::new(token as u32),
             logprob,
             top,
-        }
+        })
     }
 
     /// Temperature, top-k, top-p, min-p, then a draw.

@@ -199,6 +199,18 @@ impl Collector for EngineCollector {
         )?;
         counter(
             &mut e,
+            "strata:grammar_masks",
+            "Grammar masks computed (one per token sampled under structured output).",
+            c.grammar_masks,
+        )?;
+        counter(
+            &mut e,
+            "strata:grammar_mask_seconds",
+            "Seconds spent computing grammar masks (beside the forward pass, on a thread of their own).",
+            c.grammar_mask_nanos as f64 / 1e9,
+        )?;
+        counter(
+            &mut e,
             "strata:pool_lock_wait_seconds",
             "Seconds the executor waited for the KV pool's lock (the scheduler plans under it).",
             c.lock_wait_nanos as f64 / 1e9,

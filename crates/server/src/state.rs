@@ -34,6 +34,8 @@ pub(crate) struct Loaded {
     /// OpenAI's `system_fingerprint`: changes when the weights, the KV
     /// layout or Strata's version do.
     pub(crate) fingerprint: String,
+    /// Compiles (and caches) structured-output grammars for its tokenizer.
+    pub(crate) grammars: strata_model::Grammars,
 }
 
 /// One API key: who a request is.
@@ -393,6 +395,8 @@ pub(crate) fn load(
         .as_bytes(),
     );
     let fingerprint = format!("fp_{}", &digest.to_hex()[..12]);
+    let grammars = strata_model::Grammars::new(tokenizer.clone(), vocab)
+        .map_err(|e| format!("structured output cannot use this tokenizer: {e}"))?;
     Ok((
         Loaded {
             engine,
@@ -403,6 +407,7 @@ pub(crate) fn load(
             vocab,
             max_prompt_bytes,
             fingerprint,
+            grammars,
         },
         sizing,
     ))

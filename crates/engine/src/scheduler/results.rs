@@ -18,6 +18,8 @@ impl Scheduler {
         self.counters.results += 1;
         self.counters.step_nanos += r.nanos;
         self.counters.lock_wait_nanos += r.lock_wait_nanos;
+        self.counters.grammar_masks += r.masks;
+        self.counters.grammar_mask_nanos += r.mask_nanos;
         if let Some(t) = self.tiers.as_mut() {
             t.measured_step(r.rows, r.nanos);
         }
@@ -28,7 +30,12 @@ impl Scheduler {
                     s.outstanding -= 1;
                 }
                 if !s.finished {
-                    self.finish(f.seq, FinishReason::Error(f.error));
+                    let reason = if f.grammar {
+                        FinishReason::Grammar(f.error)
+                    } else {
+                        FinishReason::Error(f.error)
+                    };
+                    self.finish(f.seq, reason);
                 }
                 self.forget_if_done(f.seq);
             }

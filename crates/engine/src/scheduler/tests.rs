@@ -217,6 +217,7 @@ impl Sim {
                             seq: row.seq,
                             error: "no previous sample".to_string(),
                             sampling: row.sample,
+                            grammar: false,
                         });
                         continue;
                     }
@@ -245,6 +246,8 @@ impl Sim {
             nanos: 0,
             lock_wait_nanos: 0,
             rows: 0,
+            masks: 0,
+            mask_nanos: 0,
         });
     }
 

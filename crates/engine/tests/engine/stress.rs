@@ -70,6 +70,7 @@ fn verify(l: &Live, reason: &FinishReason, failed: &FailedRows) {
         ),
         FinishReason::Abort => assert!(l.session.is_some(), "aborted without a disconnect"),
         FinishReason::Timeout => panic!("{id} timed out without a deadline"),
+        FinishReason::Grammar(e) => panic!("{id} has no grammar, yet: {e}"),
     }
     if l.scored && matches!(reason, FinishReason::Stop | FinishReason::Length) {
         // Every prompt token after the first, once, in order, however it

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod golden;
+mod grammar;
 mod paged;
 mod real_model;
 mod reference;

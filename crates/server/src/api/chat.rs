@@ -8,7 +8,7 @@ use strata_model::{ChatMessage, ChatTemplate};
 
 use super::generation::{Arrival, Kind, Turn};
 use super::sessions::take_session;
-use super::submit::{Submission, submit};
+use super::submit::{Submission, compile_grammar, submit};
 use super::{RawBody, Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest, Role};
@@ -30,7 +30,8 @@ pub(super) async fn chat(
         ));
     }
     let logprobs = req.logprobs.then_some(top);
-    let checked = req.common.check(l.vocab, top)?;
+    let mut checked = req.common.check(l.vocab, top)?;
+    compile_grammar(&state, t, &l, &mut checked).await?;
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
     let template = l.template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")

@@ -7,7 +7,7 @@ use strata_kv::TokenId;
 
 use super::generation::{Arrival, Kind, ScoredPrompt, Turn};
 use super::sessions::take_session;
-use super::submit::{Submission, submit};
+use super::submit::{Submission, compile_grammar, submit};
 use super::{RawBody, Shared, begin, check_model, off_thread, salt};
 use crate::error::ApiError;
 use crate::openai::{self, CompletionRequest, Prompt};
@@ -156,7 +156,8 @@ pub(super) async fn completions(
         }
         req.common.max_tokens = Some(1);
     }
-    let checked = req.common.check(l.vocab, logprobs.unwrap_or(0))?;
+    let mut checked = req.common.check(l.vocab, logprobs.unwrap_or(0))?;
+    compile_grammar(&state, t, &l, &mut checked).await?;
     let salt = salt(&state, t, req.common.cache_salt.as_deref())?;
     check_prompt_bytes(&l, &req.prompt)?;
     let (lp, p) = (l.clone(), req.prompt.clone());

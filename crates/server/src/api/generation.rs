@@ -184,6 +184,7 @@ impl Generation {
                         FinishReason::Length => "length",
                         FinishReason::Abort => "abort",
                         FinishReason::Error(_) => "error",
+                        FinishReason::Grammar(_) => "grammar",
                         FinishReason::Timeout => "timeout",
                     };
                     // The session learns the turn before it is free again,
@@ -223,6 +224,8 @@ impl Generation {
                         FinishReason::Error(e) => {
                             Err(ApiError::internal(format!("generation failed: {e}")))
                         }
+                        // The request's own grammar ended it: its input.
+                        FinishReason::Grammar(e) => Err(ApiError::bad_request(e)),
                     };
                 }
             }

@@ -7,14 +7,14 @@ use axum::response::Response;
 use strata_engine::Request;
 use strata_kv::TokenId;
 
-use super::Shared;
 use super::generation::{Arrival, Generation, Kind, ScoredPrompt, Turn, request_id};
 use super::sessions::release_session;
 use super::stream::respond_stream;
 use super::whole::respond_whole;
+use super::{Shared, off_thread};
 use crate::error::ApiError;
 use crate::openai::{Checked, Common};
-use crate::state::Loaded;
+use crate::state::{AppState, Loaded, Tenant};
 
 /// What a handler hands to [`submit`].
 pub(super) struct Submission {
@@ -31,6 +31,26 @@ pub(super) struct Submission {
     pub(super) prompt_only: bool,
     pub(super) tenant: usize,
     pub(super) arrival: Arrival,
+}
+
+/// Compiles the grammar a request asked for (cached by its text), on the
+/// blocking pool: a large schema takes milliseconds. A grammar that does
+/// not compile is a 400 naming its parameter, with the compiler's message.
+pub(super) async fn compile_grammar(
+    state: &AppState,
+    tenant: &Tenant,
+    loaded: &Arc<Loaded>,
+    checked: &mut Checked,
+) -> Result<(), ApiError> {
+    let Some((spec, param)) = checked.grammar.take() else {
+        return Ok(());
+    };
+    let l = loaded.clone();
+    let compiled = off_thread(state, tenant, move || l.grammars.compile(&spec)).await?;
+    checked.sampling.grammar = Some(compiled.map_err(|e| {
+        ApiError::invalid(param, format!("{param}: the grammar does not compile: {e}"))
+    })?);
+    Ok(())
 }
 
 /// Submits a checked request and answers it, streamed or whole.

@@ -9,6 +9,9 @@
 //! means "not given" wherever OpenAI accepts it.
 
 mod de;
+mod structured;
+
+pub(crate) use structured::Wanted;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -105,6 +108,8 @@ pub(crate) struct Common {
     pub(crate) session: Option<String>,
     /// Share prefixes only within this salt (if the operator allows).
     pub(crate) cache_salt: Option<String>,
+    /// Structured output (a grammar the output follows).
+    pub(crate) structured: structured::Structured,
     /// What Strata does not implement yet.
     pub(crate) unsupported: Unsupported,
 }
@@ -154,7 +159,10 @@ impl Common {
                 cache_salt,
             ]
         );
-        match read {
+        if let Some(name) = read {
+            return Ok(Some(name));
+        }
+        match self.structured.read(key, map)? {
             Some(name) => Ok(Some(name)),
             None => self.unsupported.read(key, map),
         }
@@ -170,7 +178,6 @@ pub(crate) struct Unsupported {
     tool_choice: Option<Given>,
     functions: Option<Given>,
     function_call: Option<Given>,
-    response_format: Option<Given>,
     best_of: Option<Given>,
     suffix: Option<Given>,
     audio: Option<Given>,
@@ -195,7 +202,6 @@ impl Unsupported {
                 tool_choice,
                 functions,
                 function_call,
-                response_format,
                 best_of,
                 suffix,
                 audio,
@@ -211,7 +217,7 @@ impl Unsupported {
     pub(crate) fn check(&self) -> Result<(), ApiError> {
         let off = |v: &Option<Given>, offs: &[Value]| v.as_ref().is_none_or(|v| v.is_off(offs));
         let no_tools = [Value::Array(Vec::new())];
-        let checks: [(&'static str, bool, &str); 12] = [
+        let checks: [(&'static str, bool, &str); 11] = [
             (
                 "tools",
                 off(&self.tools, &no_tools),
@@ -231,14 +237,6 @@ impl Unsupported {
                 "function_call",
                 off(&self.function_call, &[Value::from("none")]),
                 "function calls are not supported yet",
-            ),
-            (
-                "response_format",
-                off(
-                    &self.response_format,
-                    &[serde_json::json!({"type": "text"})],
-                ),
-                "structured output is not supported yet: only {\"type\": \"text\"}",
             ),
             (
                 "best_of",
@@ -465,6 +463,8 @@ impl<'de> Deserialize<'de> for CompletionRequest {
 pub(crate) struct Checked {
     pub(crate) sampling: SamplingParams,
     pub(crate) stop: StopConditions,
+    /// The grammar the output must follow (compiled before submitting).
+    pub(crate) grammar: Option<Wanted>,
 }
 
 fn range(
@@ -488,6 +488,7 @@ impl Common {
     /// the endpoint's own logprobs parameter, already read.
     pub(crate) fn check(&self, vocab: usize, top_logprobs: usize) -> Result<Checked, ApiError> {
         self.unsupported.check()?;
+        let grammar = self.structured.wanted()?;
         if let Some(n) = self.n
             && n != 1
         {
@@ -655,8 +656,10 @@ impl Common {
             presence_penalty: presence.unwrap_or(0.0),
             logit_bias,
             top_logprobs,
+            grammar: None,
         };
         Ok(Checked {
+            grammar,
             sampling,
             stop: StopConditions {
                 max_tokens,

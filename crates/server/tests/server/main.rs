@@ -11,4 +11,5 @@ mod kill9;
 mod load;
 mod real;
 mod slow;
+mod structured;
 mod tiers;
