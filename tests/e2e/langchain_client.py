@@ -5,7 +5,9 @@
 
 invoke and stream, each reply parsed into LangChain's typed messages
 (AIMessage, AIMessageChunk) with the usage it reports; a streamed reply
-reassembles to text. Exits non-zero (with the reason) on any mismatch.
+reassembles to text; bind_tools with a named function gives the call;
+with_structured_output (JSON schema and function calling) gives the
+Pydantic object. Exits non-zero (with the reason) on any mismatch.
 `.ci/run` runs it against `strata serve` with the default model, after
 tests/e2e/openai_client.py (which waits for the model to load).
 """
@@ -13,7 +15,9 @@ tests/e2e/openai_client.py (which waits for the model to load).
 import sys
 
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 
 def check(cond, what):
@@ -48,6 +52,30 @@ def main():
         whole = whole + c
     check(whole.content == reply.content, f"streamed {whole.content!r} != invoked {reply.content!r}")
     check(whole.usage_metadata and whole.usage_metadata["output_tokens"] > 0, f"stream usage: {whole.usage_metadata}")
+
+    # bind_tools with a named function: the reply carries the call, its
+    # arguments parsed by LangChain.
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return "sunny"
+
+    call = ChatOpenAI(base_url=base, api_key="unused", model=model, temperature=0, max_tokens=80)
+    tooled = call.bind_tools([get_weather], tool_choice="get_weather")
+    r = tooled.invoke([HumanMessage("What is the weather in Paris?")])
+    check(r.tool_calls and r.tool_calls[0]["name"] == "get_weather", f"bind_tools: {r!r}")
+    check(isinstance(r.tool_calls[0]["args"].get("city"), str), f"bind_tools args: {r.tool_calls}")
+
+    # with_structured_output, as a JSON schema and as a function call.
+    class City(BaseModel):
+        name: str
+        country: str
+
+    for method in ("json_schema", "function_calling"):
+        city = call.with_structured_output(City, method=method).invoke(
+            [HumanMessage("Name a city in France.")]
+        )
+        check(isinstance(city, City), f"with_structured_output({method}): {city!r}")
     print(f"langchain e2e: ok ({model}): {reply.content!r}")
 
 

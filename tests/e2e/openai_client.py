@@ -9,6 +9,7 @@ cached prompt tokens. Exits non-zero (with the reason) on any mismatch.
 `.ci/run` runs it against `strata serve` with the default model.
 """
 
+import json
 import sys
 import time
 import urllib.error
@@ -17,6 +18,7 @@ import urllib.request
 import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
 
 
 def check(cond, what):
@@ -105,7 +107,65 @@ def main():
     except openai.NotFoundError:
         pass
 
+    structured(client, model)
+    tools(client, model)
+
     print(f"e2e: ok ({model}): {text!r}; cached {cached} tokens on repeat")
+
+
+class City(BaseModel):
+    name: str
+    country: str
+    population: int
+
+
+def structured(client, model):
+    """The openai package's parse() with a Pydantic model: the answer is
+    JSON of the model's strict schema, parsed into it."""
+    # The helper moved out of `beta` in newer versions of the package.
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    r = parse(
+        model=model,
+        messages=[{"role": "user", "content": "Paris is the capital of France; 2102650 people live there. Give its name, country and population."}],
+        response_format=City,
+        max_tokens=120,
+        temperature=0,
+    )
+    city = r.choices[0].message.parsed
+    check(isinstance(city, City), f"parse gave {city!r}")
+    check(r.choices[0].finish_reason == "stop", f"parse finish {r.choices[0].finish_reason}")
+
+
+def tools(client, model):
+    """A required tool call: parsed by the package into tool_calls, with
+    JSON arguments that follow the function's parameters."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0,
+    )
+    c = r.choices[0]
+    check(c.finish_reason == "tool_calls", f"tool finish {c.finish_reason}")
+    call = c.message.tool_calls[0]
+    check(call.function.name == "get_weather", f"called {call.function.name}")
+    args = json.loads(call.function.arguments)
+    check(isinstance(args.get("city"), str), f"arguments {args}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ pub struct ChatMessage {
     pub content: String,
     /// A participant's name, if given (templates see it as `name`).
     pub name: Option<String>,
+    /// An assistant's tool calls, in Hugging Face's shape (a list of
+    /// `{"type": "function", "function": {"name", "arguments"}}` with the
+    /// arguments an object), for templates that render them.
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's call id.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -32,6 +38,8 @@ impl ChatMessage {
             role: role.into(),
             content: content.into(),
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 
@@ -39,6 +47,26 @@ impl ChatMessage {
     pub fn with_name(mut self, name: Option<String>) -> Self {
         self.name = name;
         self
+    }
+
+    /// The message as the template sees it, its content (and name) given.
+    fn value(&self, content: minijinja::Value, name: Option<minijinja::Value>) -> minijinja::Value {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("role", minijinja::Value::from(self.role.as_str()));
+        m.insert("content", content);
+        if let Some(n) = name {
+            m.insert("name", n);
+        }
+        if let Some(t) = &self.tool_calls {
+            m.insert(
+                "tool_calls",
+                minijinja::Value::from(minijinja::value::Serde(t)),
+            );
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id", minijinja::Value::from(id.as_str()));
+        }
+        minijinja::Value::from(m)
     }
 }
 
@@ -48,6 +76,8 @@ pub struct ChatTemplate {
     bos: String,
     eos: String,
     developer: bool,
+    tools: bool,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -82,6 +112,8 @@ impl ChatTemplate {
             bos: bos.into(),
             eos: eos.into(),
             developer: source.contains("'developer'") || source.contains("\"developer\""),
+            tools: source.contains("tools"),
+            source: source.to_string(),
         })
     }
 
@@ -89,6 +121,17 @@ impl ChatTemplate {
     /// for system instructions); if not, callers render it as `system`.
     pub fn knows_developer(&self) -> bool {
         self.developer
+    }
+
+    /// Whether the template renders the `tools` variable (Hugging Face's
+    /// convention); if not, callers describe the tools in a message.
+    pub fn knows_tools(&self) -> bool {
+        self.tools
+    }
+
+    /// The template's source (to tell which tool-call format it teaches).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template a GGUF file carries, if any.
@@ -99,11 +142,17 @@ impl ChatTemplate {
         let Ok(source) = crate::config::meta_str(c, "tokenizer.chat_template") else {
             return Ok(None);
         };
+        Self::for_tokenizer(source, tok).map(Some)
+    }
+
+    /// Compiles `source` (a template file the user names) with the
+    /// tokenizer's BOS and EOS text as `bos_token` and `eos_token`.
+    pub fn for_tokenizer(source: &str, tok: &Tokenizer) -> Result<Self, ModelError> {
         let text = |t: Option<TokenId>| {
             t.map(|t| String::from_utf8_lossy(tok.token_bytes(t)).into_owned())
                 .unwrap_or_default()
         };
-        Self::new(source, &text(tok.bos()), &text(tok.eos().first().copied())).map(Some)
+        Self::new(source, &text(tok.bos()), &text(tok.eos().first().copied()))
     }
 
     /// Renders the template as text.
@@ -112,27 +161,43 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ModelError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the template as text, with `tools` (a list of OpenAI tool
+    /// definitions) as its `tools` variable.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
         let msgs: Vec<_> = messages
             .iter()
-            .map(|m| match &m.name {
-                None => context! { role => &m.role, content => &m.content },
-                Some(n) => context! { role => &m.role, content => &m.content, name => n },
+            .map(|m| {
+                m.value(
+                    minijinja::Value::from(m.content.as_str()),
+                    m.name.as_deref().map(minijinja::Value::from),
+                )
             })
             .collect();
-        self.render_values(msgs, add_generation_prompt)
+        self.render_values(msgs, tools, add_generation_prompt)
     }
 
     fn render_values(
         &self,
         msgs: Vec<minijinja::Value>,
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, ModelError> {
         let t = self
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
+        let tools = tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t)));
         t.render(context! {
             messages => msgs,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos,
             eos_token => &self.eos,
@@ -148,7 +213,34 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<TokenId>, ModelError> {
-        match self.pieces(tok, messages, add_generation_prompt, 0)? {
+        self.apply_with_tools(tok, messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::apply`] with `tools` as the template's `tools` variable.
+    /// The tools and the messages' tool calls are client text that the
+    /// template renders as it likes: any special-token string in them is
+    /// refused, so none can become a control token.
+    pub fn apply_with_tools(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<TokenId>, ModelError> {
+        let special = |v: &serde_json::Value| tok.contains_special(&v.to_string());
+        if tools.is_some_and(special)
+            || messages.iter().any(|m| {
+                m.tool_calls.as_ref().is_some_and(special)
+                    || m.tool_call_id
+                        .as_deref()
+                        .is_some_and(|i| tok.contains_special(i))
+            })
+        {
+            return Err(ModelError::Template(
+                "a tool definition or tool call contains a special-token string; refusing to tokenize it as a special token".into(),
+            ));
+        }
+        match self.pieces(tok, messages, tools, add_generation_prompt, 0)? {
             Some(tokens) => Ok(tokens),
             // The template rewrote the contents (sliced or filtered them):
             // render them for real, which is safe only if no content holds a
@@ -166,18 +258,24 @@ impl ChatTemplate {
                 // a marker (a `replace` that joins two halves): the special
                 // tokens must be exactly those of the same conversation with
                 // neutral contents, the template's own.
-                let real =
-                    tok.encode_with_specials(&self.render(messages, add_generation_prompt)?)?;
+                let real = tok.encode_with_specials(&self.render_with_tools(
+                    messages,
+                    tools,
+                    add_generation_prompt,
+                )?)?;
                 let neutral: Vec<ChatMessage> = messages
                     .iter()
                     .map(|m| ChatMessage {
-                        role: m.role.clone(),
                         content: "x".into(),
                         name: m.name.as_ref().map(|_| "x".into()),
+                        ..m.clone()
                     })
                     .collect();
-                let plain =
-                    tok.encode_with_specials(&self.render(&neutral, add_generation_prompt)?)?;
+                let plain = tok.encode_with_specials(&self.render_with_tools(
+                    &neutral,
+                    tools,
+                    add_generation_prompt,
+                )?)?;
                 let specials = |t: &[TokenId]| -> Vec<TokenId> {
                     t.iter()
                         .copied()
@@ -209,7 +307,7 @@ impl ChatTemplate {
         if known == 0 || known > messages.len() {
             return Ok(None);
         }
-        self.pieces(tok, messages, add_generation_prompt, known)
+        self.pieces(tok, messages, None, add_generation_prompt, known)
     }
 
     /// Tokenizes the rendering piece by piece, from just after the content
@@ -218,6 +316,7 @@ impl ChatTemplate {
         &self,
         tok: &Tokenizer,
         messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
         from: usize,
     ) -> Result<Option<Vec<TokenId>>, ModelError> {
@@ -225,14 +324,16 @@ impl ChatTemplate {
         let placeholders: Vec<_> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| match &m.name {
-                None => context! { role => &m.role, content => sentinel(i) },
-                Some(_) => {
-                    context! { role => &m.role, content => sentinel(i), name => sentinel(n + i) }
-                }
+            .map(|(i, m)| {
+                m.value(
+                    minijinja::Value::from(sentinel(i)),
+                    m.name
+                        .as_ref()
+                        .map(|_| minijinja::Value::from(sentinel(n + i))),
+                )
             })
             .collect();
-        let rendered = self.render_values(placeholders, add_generation_prompt)?;
+        let rendered = self.render_values(placeholders, tools, add_generation_prompt)?;
         let Some(pieces) = split_at_sentinels(&rendered, messages) else {
             return Ok(None);
         };

@@ -77,6 +77,21 @@ pub enum RestorePolicy {
     Always,
 }
 
+/// How a model writes its tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, once
+    /// per call (Hermes, Qwen, and Strata's own prompt for templates that
+    /// know no tools).
+    Hermes,
+    /// A JSON object `{"name": ..., "parameters": {...}}`, after an
+    /// optional `<|python_tag|>` (Llama 3.1 and later).
+    Llama3,
+    /// `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}`
+    /// (Mistral).
+    Mistral,
+}
+
 /// How `strata serve` runs.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -89,6 +104,19 @@ pub struct ServeArgs {
     /// `.gguf`]
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+
+    /// A Jinja chat template to serve instead of the one in the GGUF (or
+    /// for a GGUF that has none), with Hugging Face's variables
+    /// (`messages`, `tools`, `add_generation_prompt`, `bos_token`,
+    /// `eos_token`).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+
+    /// How the model writes tool calls [default: told from the chat
+    /// template's markers; hermes where the template knows no tools, since
+    /// Strata then describes them in that format]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub tool_call_format: Option<ToolFormat>,
 
     /// Address to listen on. The default accepts local connections only.
     #[arg(long, default_value = "127.0.0.1")]

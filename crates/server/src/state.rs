@@ -319,8 +319,17 @@ pub(crate) fn load(
 ) -> Result<(Loaded, Sizing), String> {
     let mut gguf = Gguf::open(path).map_err(|e| e.to_string())?;
     let tokenizer = Arc::new(Tokenizer::from_gguf(gguf.content()).map_err(|e| e.to_string())?);
-    let template =
-        ChatTemplate::from_gguf(gguf.content(), &tokenizer).map_err(|e| e.to_string())?;
+    let template = match &args.chat_template {
+        Some(p) => {
+            let source = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read the chat template {}: {e}", p.display()))?;
+            Some(
+                ChatTemplate::for_tokenizer(&source, &tokenizer)
+                    .map_err(|e| format!("the chat template {}: {e}", p.display()))?,
+            )
+        }
+        None => ChatTemplate::from_gguf(gguf.content(), &tokenizer).map_err(|e| e.to_string())?,
+    };
     let model = Arc::new(
         LlamaModel::load(
             &mut gguf,

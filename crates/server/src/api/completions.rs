@@ -212,6 +212,7 @@ pub(super) async fn completions(
         echo: req.echo.then_some(prompt.text),
         tenant: t.index,
         arrival,
+        tools: None,
     };
     submit(state.clone(), l, &req.common, sub).await
 }

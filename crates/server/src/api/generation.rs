@@ -15,6 +15,7 @@ use super::logprobs::TextLogprobs;
 use super::sessions::release_session;
 use crate::error::ApiError;
 use crate::metrics::Reason;
+use crate::openai::tools::{ToolFormat, ToolSet};
 use crate::state::{Loaded, random_hex, unix_now};
 
 /// A request's id: random, so ids say nothing about how many requests
@@ -63,6 +64,8 @@ pub(super) struct Generation {
     pub(super) turn: Option<Turn>,
     pub(super) tenant: usize,
     pub(super) finished: bool,
+    /// The tools the answer may call, and the format calls come in.
+    pub(super) tools: Option<(Arc<ToolSet>, ToolFormat)>,
 }
 
 /// A prompt whose tokens' log-probabilities the answer shows.

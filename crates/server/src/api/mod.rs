@@ -12,6 +12,7 @@ mod sessions;
 mod stream;
 mod submit;
 mod tokenize;
+mod tool_calls;
 mod whole;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::generation::{Generation, Kind, Step};
 use super::logprobs::{ChatLogprobs, TextLogprobs};
+use super::tool_calls::ToolStream;
 
 /// A streamed generation: server-sent events, one chunk per token, a last
 /// chunk with the finish reason, the usage if asked for, then `[DONE]`.
@@ -23,6 +24,8 @@ pub(super) struct Streamer {
     /// The echoed prompt waits for its scores (they come with the first
     /// token, or the end).
     echo_pending: bool,
+    /// With tools: the text that may be a call, held until it is known.
+    calls: Option<ToolStream>,
 }
 
 impl Streamer {
@@ -106,6 +109,14 @@ impl Streamer {
                                 l.push(tok, id, logprob, &top);
                                 l
                             });
+                            let text = match self.calls.as_mut() {
+                                Some(c) => c.push(&text),
+                                None => text,
+                            };
+                            if text.is_empty() && lp.is_none() && self.calls.is_some() {
+                                // Held (it may be a call): nothing to send yet.
+                                continue;
+                            }
                             json!({
                                 "index": 0,
                                 "delta": {"content": text},
@@ -125,7 +136,26 @@ impl Streamer {
                     let c = self.chunk(choice);
                     self.queue.push_back(c);
                 }
-                Ok(Step::Done { reason, usage }) => {
+                Ok(Step::Done { mut reason, usage }) => {
+                    if let (Some(c), Some((ts, _))) = (self.calls.take(), self.g.tools.clone()) {
+                        let (rest, calls) = c.finish(&ts, reason == "stop");
+                        if !rest.is_empty() {
+                            let c = self.chunk(json!({"index": 0, "delta": {"content": rest}, "logprobs": null, "finish_reason": null}));
+                            self.queue.push_back(c);
+                        }
+                        for (i, call) in calls.iter().enumerate() {
+                            // As OpenAI streams them: the call's id, type and
+                            // name first, then its arguments.
+                            let head = json!({"index": 0, "delta": {"tool_calls": [{"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}, "logprobs": null, "finish_reason": null});
+                            let args = json!({"index": 0, "delta": {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}, "logprobs": null, "finish_reason": null});
+                            let (h, a) = (self.chunk(head), self.chunk(args));
+                            self.queue.push_back(h);
+                            self.queue.push_back(a);
+                        }
+                        if !calls.is_empty() {
+                            reason = "tool_calls";
+                        }
+                    }
                     let last = match self.g.kind {
                         Kind::Chat => {
                             json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
@@ -157,6 +187,7 @@ impl Streamer {
 
 pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
     let offset = g.echo.as_ref().map_or(0, |e| e.chars().count());
+    let calls = g.tools.as_ref().map(|(_, f)| ToolStream::new(*f));
     let s = Streamer {
         g,
         include_usage,
@@ -165,6 +196,7 @@ pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
         over: false,
         offset,
         echo_pending: false,
+        calls,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         s.next()

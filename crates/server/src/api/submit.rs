@@ -13,6 +13,7 @@ use super::stream::respond_stream;
 use super::whole::respond_whole;
 use super::{Shared, off_thread};
 use crate::error::ApiError;
+use crate::openai::tools::{ToolFormat, ToolSet};
 use crate::openai::{Checked, Common};
 use crate::state::{AppState, Loaded, Tenant};
 
@@ -31,6 +32,8 @@ pub(super) struct Submission {
     pub(super) prompt_only: bool,
     pub(super) tenant: usize,
     pub(super) arrival: Arrival,
+    /// The tools the answer may call, and the format to read calls in.
+    pub(super) tools: Option<(Arc<ToolSet>, ToolFormat)>,
 }
 
 /// Compiles the grammar a request asked for (cached by its text), on the
@@ -110,6 +113,7 @@ pub(super) async fn submit(
         turn,
         tenant: sub.tenant,
         finished: false,
+        tools: sub.tools,
     };
     if common.stream {
         let include_usage = common

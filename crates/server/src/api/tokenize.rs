@@ -38,7 +38,7 @@ pub(super) async fn tokenize(
                 .template
                 .as_ref()
                 .ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
-            Some(template_messages(&l, template, m)?)
+            Some(template_messages(&l, template, m, None)?)
         }
         _ => return Err(ApiError::bad_request("give either `content` or `messages`")),
     };

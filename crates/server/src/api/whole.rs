@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::generation::{Generation, Kind, Step};
 use super::logprobs::{ChatLogprobs, TextLogprobs};
+use super::tool_calls::{Call, parse};
 use crate::error::ApiError;
 
 /// Runs a generation to its end and answers with one JSON object.
@@ -38,6 +39,21 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                 let (model, fp) = (g.loaded.name.as_str(), g.loaded.fingerprint.as_str());
                 // Serialized straight from typed structs: a long answer's
                 // logprobs never become a tree of JSON values.
+                // Calls read from a complete answer (one cut by max_tokens
+                // stays text).
+                let parsed = g
+                    .tools
+                    .as_ref()
+                    .filter(|_| reason == "stop")
+                    .and_then(|(ts, format)| parse(*format, ts, &g.text));
+                let (content, tool_calls, reason) = match &parsed {
+                    Some(p) => (
+                        p.content.as_deref(),
+                        Some(p.calls.iter().map(Call::json).collect::<Vec<_>>()),
+                        "tool_calls",
+                    ),
+                    None => (Some(g.text.as_str()), None, reason),
+                };
                 return Ok(match g.kind {
                     Kind::Chat => axum::Json(Whole {
                         id,
@@ -49,8 +65,9 @@ pub(super) async fn respond_whole(mut g: Generation) -> Result<Response, ApiErro
                             index: 0,
                             message: Message {
                                 role: "assistant",
-                                content: &g.text,
+                                content,
                                 refusal: None,
+                                tool_calls,
                             },
                             logprobs: g.logprobs.map(|_| &chat_lp),
                             finish_reason: reason,
@@ -110,8 +127,10 @@ struct ChatChoice<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    content: Option<&'a str>,
     refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Serialize)]

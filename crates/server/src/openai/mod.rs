@@ -10,6 +10,7 @@
 
 mod de;
 mod structured;
+pub(crate) mod tools;
 
 pub(crate) use structured::Wanted;
 
@@ -170,8 +171,8 @@ impl Common {
 }
 
 /// Parameters that change the answer and that Strata does not implement
-/// yet (9/10 implements the first ones): given with a value other than
-/// "off", they are a 400 naming them.
+/// (here: tools on text completions, the older `functions`): given with a
+/// value other than "off", they are a 400 naming them.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Unsupported {
     tools: Option<Given>,
@@ -221,22 +222,22 @@ impl Unsupported {
             (
                 "tools",
                 off(&self.tools, &no_tools),
-                "tool calls are not supported yet",
+                "tools are for /v1/chat/completions",
             ),
             (
                 "tool_choice",
                 off(&self.tool_choice, &[Value::from("none")]),
-                "tool calls are not supported yet",
+                "tools are for /v1/chat/completions",
             ),
             (
                 "functions",
                 off(&self.functions, &no_tools),
-                "function calls are not supported yet",
+                "the older functions form is not supported: use tools",
             ),
             (
                 "function_call",
                 off(&self.function_call, &[Value::from("none")]),
-                "function calls are not supported yet",
+                "the older functions form is not supported: use tools",
             ),
             (
                 "best_of",
@@ -340,10 +341,28 @@ pub(crate) struct Message {
     pub(crate) content: Option<Content>,
     /// A participant's name (given to the template as plain text).
     pub(crate) name: Option<String>,
-    /// An assistant's tool calls (not supported yet: 9/10).
-    tool_calls: Option<Given>,
+    /// An assistant's tool calls.
+    pub(crate) tool_calls: Option<Vec<ToolCallIn>>,
+    /// A tool result's call id.
+    pub(crate) tool_call_id: Option<String>,
     /// A function call (the older form; not supported).
     function_call: Option<Given>,
+}
+
+/// A tool call in an assistant message.
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct ToolCallIn {
+    pub(crate) id: Option<String>,
+    pub(crate) function: FunctionCallIn,
+}
+
+/// A tool call's function: its name, and its arguments as JSON text (or,
+/// as some clients send them, an object).
+#[derive(Deserialize, Debug, Clone)]
+pub(crate) struct FunctionCallIn {
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) arguments: Value,
 }
 
 /// `POST /v1/chat/completions`.
@@ -359,6 +378,12 @@ pub(crate) struct ChatRequest {
     pub(crate) logprobs: bool,
     /// How many alternatives per token, in [0, 20].
     pub(crate) top_logprobs: Option<i64>,
+    /// Functions the model may call (at most [`tools::MAX_TOOLS`]).
+    pub(crate) tools: Option<Vec<tools::Tool>>,
+    /// `none`, `auto`, `required` or a named function.
+    pub(crate) tool_choice: Option<Value>,
+    /// More than one call per answer (default true).
+    pub(crate) parallel_tool_calls: Option<bool>,
     /// Everything else.
     pub(crate) common: Common,
 }
@@ -376,7 +401,18 @@ impl Fields for ChatRequest {
             (self.messages, self.messages_given) = (c.kept, c.given);
             return Ok(Some("messages"));
         }
-        match read_fields!(self, key, map, [logprobs, top_logprobs]) {
+        if key == "tools" {
+            self.tools = map
+                .next_value::<Capped<tools::Tool, { tools::MAX_TOOLS }>>()?
+                .0;
+            return Ok(Some("tools"));
+        }
+        match read_fields!(
+            self,
+            key,
+            map,
+            [logprobs, top_logprobs, tool_choice, parallel_tool_calls]
+        ) {
             Some(name) => Ok(Some(name)),
             None => self.common.read(key, map),
         }
@@ -701,18 +737,49 @@ pub(crate) fn top_logprobs(param: &'static str, v: Option<i64>) -> Result<usize,
 }
 
 impl Message {
-    /// The text of the content (text parts joined with newlines, as OpenAI
-    /// joins them); other part types are refused, and so are tool calls.
-    pub(crate) fn text(&self) -> Result<String, ApiError> {
-        if self
-            .tool_calls
-            .as_ref()
-            .is_some_and(|v| !v.is_off(&[Value::Array(Vec::new())]))
-            || self.function_call.as_ref().is_some_and(|v| !v.is_off(&[]))
-        {
+    /// An assistant's tool calls in Hugging Face's shape (arguments as
+    /// objects), or `None` if it made none.
+    pub(crate) fn hf_tool_calls(&self) -> Result<Option<Value>, ApiError> {
+        let Some(calls) = self.tool_calls.as_ref().filter(|c| !c.is_empty()) else {
+            return Ok(None);
+        };
+        if self.role != Role::Assistant {
             return Err(ApiError::invalid(
                 "messages",
-                "messages with tool_calls are not supported yet",
+                "only assistant messages carry tool_calls",
+            ));
+        }
+        let calls = calls
+            .iter()
+            .map(|c| {
+                let args = match &c.function.arguments {
+                    Value::String(s) => serde_json::from_str::<Value>(s).map_err(|e| {
+                        ApiError::invalid(
+                            "messages",
+                            format!("the arguments of a tool call to {:?} are not JSON: {e}", c.function.name),
+                        )
+                    })?,
+                    Value::Null => Value::Object(Default::default()),
+                    v => v.clone(),
+                };
+                let mut call = serde_json::json!({"type": "function", "function": {"name": c.function.name, "arguments": args}});
+                if let Some(id) = &c.id {
+                    call["id"] = Value::from(id.as_str());
+                }
+                Ok(call)
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(Some(Value::Array(calls)))
+    }
+
+    /// The text of the content (text parts joined with newlines, as OpenAI
+    /// joins them); other part types are refused, and so are the older
+    /// `function_call`s.
+    pub(crate) fn text(&self) -> Result<String, ApiError> {
+        if self.function_call.as_ref().is_some_and(|v| !v.is_off(&[])) {
+            return Err(ApiError::invalid(
+                "messages",
+                "messages with function_call (the older form) are not supported: use tool_calls",
             ));
         }
         match &self.content {

@@ -166,11 +166,11 @@ fn bad_shapes_are_refused_naming_what_is_wrong() {
 
 #[test]
 fn unsupported_parameters_are_told_from_their_off_values() {
-    let user = json!([{"role": "user", "content": "hi"}]);
+    // Tools are the chat endpoint's: text completions refuse them.
     let refused = |k: &str, v: Value| {
-        let mut b = json!({ "messages": user });
+        let mut b = json!({ "prompt": "hi" });
         b[k] = v;
-        chat(&b).unwrap().common.unsupported.check().is_err()
+        completion(&b).unwrap().common.unsupported.check().is_err()
     };
     assert!(!refused("tools", json!([])));
     assert!(!refused("tools", Value::Null));
@@ -194,9 +194,11 @@ fn unsupported_parameters_are_told_from_their_off_values() {
     assert!(!m(
         json!({"role": "assistant", "content": "x", "tool_calls": []})
     ));
-    assert!(m(
-        json!({"role": "assistant", "content": "x", "tool_calls": [{"id": "a"}]})
-    ));
+    // A tool call without its function is not a tool call.
+    assert!(
+        chat(&json!({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "a"}]}]}))
+            .is_err()
+    );
     assert!(m(
         json!({"role": "assistant", "content": "x", "function_call": {"name": "f"}})
     ));
@@ -220,8 +222,13 @@ fn a_large_body_costs_about_its_size_never_a_tree_of_it() {
     }
     let tools = format!("{head}\"tools\": [{}0]}}", "{}, ".repeat(MIB4 / 4));
     let (r, bytes) = peak(|| serde_json::from_slice::<ChatRequest>(tools.as_bytes()));
-    assert!(r.unwrap().common.unsupported.check().is_err());
+    assert!(r.is_err(), "junk tools are refused as they are read");
     assert!(bytes < 64 << 10, "tools: {bytes} bytes");
+    let head = r#"{"prompt": "hi", "#;
+    let tools = format!("{head}\"tools\": [{}0]}}", "{}, ".repeat(MIB4 / 4));
+    let (r, bytes) = peak(|| serde_json::from_slice::<CompletionRequest>(tools.as_bytes()));
+    assert!(r.unwrap().common.unsupported.check().is_err());
+    assert!(bytes < 64 << 10, "completion tools: {bytes} bytes");
     // A token-id prompt: 2 bytes of body per id, 8 of memory (the list's
     // doubling may leave up to twice that live at once).
     let ids = format!("{{\"prompt\": [{}1]}}", "1,".repeat(MIB4 / 2));

@@ -13,3 +13,4 @@ mod real;
 mod slow;
 mod structured;
 mod tiers;
+mod tools;
