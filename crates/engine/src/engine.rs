@@ -29,6 +29,21 @@ static INSTANCES: AtomicU64 = AtomicU64::new(1);
 /// and clients that went away) while no message arrives.
 const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The most samples one request may ask for (`n`, `best_of`).
+pub const MAX_SAMPLES: usize = 16;
+
+/// Sample `i`'s seed, from the request's: a distinct, reproducible stream
+/// per sample (splitmix64's mix of the two).
+fn sample_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Why the engine refused a request or could not start.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
@@ -78,6 +93,9 @@ pub enum EngineError {
     /// Stop strings given to an engine that has no tokenizer.
     #[error("stop strings need a tokenizer, and this engine has none")]
     NoTokenizer,
+    /// Several samples asked of a request that cannot fork.
+    #[error("{0}")]
+    BadSamples(String),
     /// Prompt log-probabilities asked of a session's turn (its prompt
     /// continues KV the engine kept, which has no logits to give).
     #[error("prompt log-probabilities are not available for a session's turn")]
@@ -121,6 +139,7 @@ enum Msg {
         Box<Request>,
         mpsc::UnboundedSender<crate::Event>,
         std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        Vec<crate::scheduler::ForkSpec>,
     ),
     Done(StepResult),
     Idle(std_mpsc::Sender<()>),
@@ -346,8 +365,8 @@ impl Engine {
                         rx.try_recv().ok()
                     };
                     match msg {
-                        Some(Msg::Submit(id, req, events, unread)) => {
-                            scheduler.add(id, *req, events, unread);
+                        Some(Msg::Submit(id, req, events, unread, forks)) => {
+                            scheduler.add(id, *req, events, unread, forks);
                             if stopping {
                                 // Shutting down: refused as it arrives.
                                 scheduler.abort_all();
@@ -515,6 +534,28 @@ impl Engine {
 
     /// Validates and queues a request; its events arrive on the handle.
     pub fn submit(&self, req: Request) -> Result<RequestHandle, EngineError> {
+        let mut h = self.submit_n(req, 1)?;
+        Ok(h.pop().expect("one handle for one sample"))
+    }
+
+    /// Submits a request for `n` samples of one prompt (at most
+    /// [`MAX_SAMPLES`]): one handle each, in order. The prompt is computed
+    /// once: when its last row samples, the request forks (the samples
+    /// share its blocks; each copies the partial tail block before writing
+    /// into it), and that row's logits give every sample its first token.
+    /// Sample `i` seeds its sampler from the request's seed and `i` (sample
+    /// 0 with the seed itself, so it is the same as `n = 1`).
+    pub fn submit_n(&self, req: Request, n: usize) -> Result<Vec<RequestHandle>, EngineError> {
+        if n == 0 || n > MAX_SAMPLES {
+            return Err(EngineError::BadSamples(format!(
+                "between 1 and {MAX_SAMPLES} samples, got {n}"
+            )));
+        }
+        if n > 1 && (req.session.is_some() || req.prompt_logprobs.is_some()) {
+            return Err(EngineError::BadSamples(
+                "several samples cannot continue a session or score the prompt".into(),
+            ));
+        }
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -558,13 +599,33 @@ impl Engine {
                 });
             }
         }
-        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut handles = Vec::with_capacity(n);
+        let mut forks = Vec::with_capacity(n - 1);
+        let mut first = None;
+        for i in 0..n {
+            let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            handles.push(RequestHandle {
+                id,
+                events: rx,
+                unread: unread.clone(),
+            });
+            match i {
+                0 => first = Some((id, tx, unread)),
+                _ => forks.push(crate::scheduler::ForkSpec {
+                    id,
+                    events: tx,
+                    unread,
+                    seed: req.sampling.seed.map(|s| sample_seed(s, i)),
+                }),
+            }
+        }
+        let (id, tx, unread) = first.expect("n >= 1");
         let session = req.session.clone();
         if self
             .tx
-            .send(Msg::Submit(id, Box::new(req), tx, unread.clone()))
+            .send(Msg::Submit(id, Box::new(req), tx, unread, forks))
             .is_err()
         {
             if let Some(s) = session {
@@ -572,11 +633,7 @@ impl Engine {
             }
             return Err(EngineError::Stopped);
         }
-        Ok(RequestHandle {
-            id,
-            events: rx,
-            unread,
-        })
+        Ok(handles)
     }
 
     /// Refuses a session of another model instance, naming both.

@@ -46,6 +46,19 @@ pub trait Runner: Send + 'static {
     /// Copies a block's KV out (a demotion).
     fn read_block(&self, _block: BlockId, _out: &mut Vec<u8>) {}
 
+    /// Copies a block's KV into another (a copy on write of a shared tail
+    /// block; the slots past those it holds are never read before they are
+    /// written). By default through [`Self::read_block`] and
+    /// [`Self::write_block`]; a runner whose KV cannot move copies nothing.
+    fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        self.read_block(src, &mut bytes);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.write_block(dst, &bytes)
+    }
+
     /// Overwrites a block's KV with bytes [`Self::read_block`] gave (a
     /// restore).
     fn write_block(&mut self, _block: BlockId, _bytes: &[u8]) -> Result<(), String> {
@@ -113,6 +126,10 @@ pub(crate) struct StepSeq {
     pub(crate) accesses: Vec<(BlockId, Generation, Access)>,
     /// Prompt tokens this row scores.
     pub(crate) score: Option<Score>,
+    /// Samples forked from this sequence at this row (`n > 1`): each
+    /// samples its first token from this row's logits, with the sampler
+    /// given.
+    pub(crate) fanout: Vec<(RequestId, (SamplingParams, Vec<TokenId>))>,
 }
 
 /// The prompt tokens a row scores: input row `first_row + i` gives the
@@ -152,6 +169,9 @@ pub(crate) struct Step {
     /// Restored payloads to copy in, after poisoning and before the
     /// forward pass that reads them.
     pub(crate) restores: Vec<(BlockId, Vec<u8>)>,
+    /// Copies on write of shared tail blocks, after poisoning and before
+    /// the forward pass that writes into the copies.
+    pub(crate) copies: Vec<strata_kv::CowCopy>,
 }
 
 /// A row of a step that produced no sample.
@@ -234,6 +254,7 @@ impl<R: Runner> Executor<R> {
         &mut self,
         demotions: &[Demotion],
         poison: &[BlockId],
+        copies: &[strata_kv::CowCopy],
         restores: &[(BlockId, Vec<u8>)],
     ) -> Result<(), String> {
         if !demotions.is_empty() {
@@ -267,6 +288,9 @@ impl<R: Runner> Executor<R> {
         for &b in poison {
             self.runner.poison(b);
         }
+        for c in copies {
+            self.runner.copy_block(c.src, c.dst)?;
+        }
         for (b, bytes) in restores {
             self.runner.write_block(*b, bytes)?;
         }
@@ -299,6 +323,13 @@ impl<R: Runner> Executor<R> {
             self.last.remove(id);
         }
         let mut failed = Vec::new();
+        // Forks whose first sample this step's rows give (n > 1).
+        let fanouts: Vec<(RequestId, Vec<RequestId>)> = step
+            .seqs
+            .iter()
+            .filter(|r| !r.fanout.is_empty())
+            .map(|r| (r.seq, r.fanout.iter().map(|(id, _)| *id).collect()))
+            .collect();
         let doomed = std::mem::take(&mut self.doomed);
         let mut rows = step.seqs;
         rows.retain(|r| {
@@ -372,7 +403,7 @@ impl<R: Runner> Executor<R> {
             .map(|r| r.seq)
             .collect();
         let constraints = std::mem::take(&mut self.constraints);
-        let moved = self.transfers(&step.demotions, &step.poison, &step.restores);
+        let moved = self.transfers(&step.demotions, &step.poison, &step.copies, &step.restores);
         let (outcome, constraints) = std::thread::scope(|scope| {
             let mut constraints = Some(constraints);
             let masks = (!masked.is_empty()).then(|| {
@@ -438,40 +469,49 @@ impl<R: Runner> Executor<R> {
                             *x = f32::NEG_INFINITY;
                         }
                     }
-                    let sampler = self.samplers.entry(r.seq).or_insert_with(|| {
-                        let (params, prompt) = r.sampler.clone().unwrap_or_default();
-                        Sampler::new(params, &prompt)
-                    });
-                    let sampled = match self.constraints.get_mut(&r.seq) {
-                        None => Ok(sampler.sample(&l)),
-                        Some(c) => {
-                            c.compute_mask();
-                            masks += 1;
-                            mask_nanos += c.mask_nanos();
-                            let sampled = c.mask().and_then(|m| {
-                                sampler.sample_masked(&l, Some(m)).ok_or_else(|| {
-                                    "the grammar reached a dead end: no token may continue it here (min_tokens or ignore_eos can forbid its only ending)".to_string()
-                                })
-                            });
-                            sampled.and_then(|s| c.commit(s.token).map(|()| s))
+                    // The row's own sample, then its forks' (n > 1) from the
+                    // same logits, each with its own sampler and grammar.
+                    let own = (r.seq, r.sampler.clone());
+                    let forks = r.fanout.iter().map(|(id, init)| (*id, Some(init.clone())));
+                    for (seq, init) in std::iter::once(own).chain(forks) {
+                        let sampler = self.samplers.entry(seq).or_insert_with(|| {
+                            let (params, prompt) = init.clone().unwrap_or_default();
+                            if let Some(g) = &params.grammar {
+                                self.constraints.insert(seq, g.start());
+                            }
+                            Sampler::new(params, &prompt)
+                        });
+                        let sampled = match self.constraints.get_mut(&seq) {
+                            None => Ok(sampler.sample(&l)),
+                            Some(c) => {
+                                c.compute_mask();
+                                masks += 1;
+                                mask_nanos += c.mask_nanos();
+                                let sampled = c.mask().and_then(|m| {
+                                    sampler.sample_masked(&l, Some(m)).ok_or_else(|| {
+                                        "the grammar reached a dead end: no token may continue it here (min_tokens or ignore_eos can forbid its only ending)".to_string()
+                                    })
+                                });
+                                sampled.and_then(|s| c.commit(s.token).map(|()| s))
+                            }
+                        };
+                        match sampled {
+                            Ok(s) => {
+                                self.last.insert(seq, s.token);
+                                samples.push((seq, s));
+                            }
+                            Err(error) => {
+                                self.last.remove(&seq);
+                                self.doomed.insert(seq);
+                                failed.push(FailedRow {
+                                    seq,
+                                    error,
+                                    sampling: true,
+                                    grammar: true,
+                                });
+                            }
                         }
-                    };
-                    let sampled = match sampled {
-                        Ok(s) => s,
-                        Err(error) => {
-                            self.last.remove(&r.seq);
-                            self.doomed.insert(r.seq);
-                            failed.push(FailedRow {
-                                seq: r.seq,
-                                error,
-                                sampling: true,
-                                grammar: true,
-                            });
-                            continue;
-                        }
-                    };
-                    self.last.insert(r.seq, sampled.token);
-                    samples.push((r.seq, sampled));
+                    }
                 }
                 let mut g = lock_counted(&self.cache, &mut self.lock_wait);
                 g.complete(epoch)
@@ -493,6 +533,26 @@ impl<R: Runner> Executor<R> {
                 g.fail(epoch)
                     .expect("steps fail in the order their epochs were issued");
                 check(&self.sanitizer, &g, epoch);
+            }
+        }
+        // A row that failed before sampling leaves its forks without their
+        // first token: they fail with it.
+        for (parent, kids) in fanouts {
+            if !failed.iter().any(|f| f.seq == parent && !f.grammar) {
+                continue;
+            }
+            for k in kids {
+                if failed.iter().any(|f| f.seq == k) || samples.iter().any(|(s, _)| *s == k) {
+                    continue;
+                }
+                self.last.remove(&k);
+                self.doomed.insert(k);
+                failed.push(FailedRow {
+                    seq: k,
+                    error: "the step that computed its prompt failed".into(),
+                    sampling: true,
+                    grammar: false,
+                });
             }
         }
         StepResult {

@@ -20,7 +20,7 @@ mod sync;
 mod text;
 mod tiers;
 
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, MAX_SAMPLES};
 pub use executor::{ModelRunner, Runner};
 pub use request::{
     Event, FinishReason, MAX_PAUSE, MAX_UNREAD, Request, RequestHandle, RequestId, StopConditions,

@@ -147,8 +147,28 @@ enum Planned {
     Later,
 }
 
+/// A sample of a request that forks from it when its prompt's last row
+/// samples (`n > 1`).
+#[derive(Debug)]
+pub(crate) struct ForkSpec {
+    pub(crate) id: RequestId,
+    pub(crate) events: mpsc::UnboundedSender<Event>,
+    pub(crate) unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Its own sampler seed (`None`: random).
+    pub(crate) seed: Option<u64>,
+}
+
 struct Seq {
     id: RequestId,
+    /// Samples to fork at the first sample (they share the prompt).
+    forks: Vec<ForkSpec>,
+    /// Its partial tail block may be shared with its forks: the next
+    /// write into it copies it first.
+    shared_tail: bool,
+    /// Its forks wait for the step that computed its prompt to complete
+    /// (no block a step in flight writes is ever shared): until then it
+    /// plans no row.
+    waits_fork: bool,
     prompt_len: usize,
     tokens: Vec<TokenId>,
     computed: usize,
@@ -223,6 +243,43 @@ impl Seq {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    /// A sample forked from this request at its prompt's last row: the
+    /// prompt computed (by that row), its first token that row's, its
+    /// blocks `lease` (shared with this one).
+    fn fork(&self, f: ForkSpec, sampling: SamplingParams) -> Seq {
+        Seq {
+            id: f.id,
+            forks: Vec::new(),
+            shared_tail: true,
+            waits_fork: false,
+            prompt_len: self.prompt_len,
+            tokens: self.tokens[..self.prompt_len].to_vec(),
+            computed: self.computed,
+            outstanding: 1,
+            lease: None,
+            root: self.root,
+            sampling,
+            sampler_sent: true,
+            max_tokens: self.max_tokens,
+            stops: self.stops.clone(),
+            min_tokens: self.min_tokens,
+            cached_tokens: self.cached_tokens,
+            finished: false,
+            events: f.events,
+            unread: f.unread,
+            deadline: self.deadline,
+            paused_since: None,
+            session: None,
+            joined: true,
+            max_asked: self.max_asked,
+            handover: None,
+            text: self.text.as_ref().map(TextState::fresh),
+            score: None,
+            scored: 0,
+            restore: None,
+        }
+    }
 }
 
 /// The scheduler of one model instance.
@@ -245,6 +302,14 @@ pub(crate) struct Scheduler {
     last_done: Epoch,
     /// Blocks allocated while planning the current step (sanitizer).
     fresh: Vec<BlockId>,
+    /// Copies on write of shared tail blocks for the step being planned.
+    copies: Vec<strata_kv::CowCopy>,
+    /// Samples created while planning (their first tokens come from the
+    /// step being planned), parked until they fork.
+    forked: Vec<Seq>,
+    /// Requests whose samples fork once step `Epoch` (which computes the
+    /// prompt and samples every first token) has completed.
+    parked: Vec<(RequestId, Vec<RequestId>, Epoch)>,
     sessions: HashMap<u64, Session>,
     registry: SharedRegistry,
     /// Idle sessions give up their pins after this long.
@@ -291,6 +356,9 @@ impl Scheduler {
             counters: Counters::default(),
             last_done: Epoch::ZERO,
             fresh: Vec::new(),
+            copies: Vec::new(),
+            forked: Vec::new(),
+            parked: Vec::new(),
             sessions: HashMap::new(),
             registry,
             session_ttl: engine.session_ttl,
@@ -364,6 +432,7 @@ impl Scheduler {
         req: Request,
         events: mpsc::UnboundedSender<Event>,
         unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        forks: Vec<ForkSpec>,
     ) {
         let mut root = self.hasher.root(ExtraKeys {
             model_fingerprint: &self.fingerprint,
@@ -393,6 +462,9 @@ impl Scheduler {
         }
         let seq = Seq {
             id,
+            forks,
+            shared_tail: false,
+            waits_fork: false,
             prompt_len: tokens.len(),
             tokens,
             computed: 0,
@@ -429,6 +501,7 @@ impl Scheduler {
     /// Whether a step could be planned now (without looking at blocks).
     pub(crate) fn has_work(&self) -> bool {
         self.demotions_waiting()
+            || self.parked.iter().any(|p| p.2 <= self.last_done)
             || self
                 .waiting
                 .iter()
@@ -465,7 +538,7 @@ impl Scheduler {
     /// it (a row past `max_tokens` would be computed only to be thrown
     /// away, and on 2 cores it would delay the next request).
     fn plannable(&self, s: &Seq) -> bool {
-        if s.restore.as_ref().is_some_and(|r| !r.ready()) {
+        if s.waits_fork || s.restore.as_ref().is_some_and(|r| !r.ready()) {
             return false;
         }
         s.computed < s.tokens.len()

@@ -56,6 +56,11 @@ impl TextState {
         }
     }
 
+    /// A new state with the same tokenizer and stop strings (a fork's).
+    pub(crate) fn fresh(&self) -> Self {
+        Self::new(self.tokenizer.clone(), &self.stops)
+    }
+
     /// Adds a generated token. Stop strings are looked for only when
     /// `check_stops` (not before `min_tokens`).
     pub(crate) fn push(&mut self, t: TokenId, check_stops: bool) -> Delta {

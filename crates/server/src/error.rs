@@ -198,6 +198,7 @@ impl From<EngineError> for ApiError {
             ),
             e @ EngineError::NoTokenizer => Self::invalid("stop", e.to_string()),
             e @ EngineError::ScoredTurn => Self::invalid("echo", e.to_string()),
+            e @ EngineError::BadSamples(_) => Self::invalid("n", e.to_string()),
             EngineError::Stopped => Self::unavailable(
                 "the engine has stopped (shutting down, or see the server log)",
                 5,

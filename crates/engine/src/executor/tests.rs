@@ -119,6 +119,7 @@ fn row(s: &Setup, i: usize) -> StepSeq {
         suppress: Vec::new(),
         sampler: None,
         score: None,
+        fanout: Vec::new(),
     }
 }
 
@@ -130,6 +131,7 @@ fn step(seqs: Vec<StepSeq>, poison: Vec<BlockId>) -> Step {
         poison,
         demotions: Vec::new(),
         restores: Vec::new(),
+        copies: Vec::new(),
     }
 }
 
@@ -231,6 +233,7 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
             suppress: Vec::new(),
             sampler: None,
             score: None,
+            fanout: Vec::new(),
         }
     };
     // Step 2: its pending input names another cache's slot.
@@ -247,6 +250,7 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
         poison: Vec::new(),
         demotions: Vec::new(),
         restores: Vec::new(),
+        copies: Vec::new(),
     });
     assert!(r.samples.is_empty() && r.failed.len() == 1, "{r:?}");
     // Step 3: its next row, planned before step 2's result.
@@ -258,6 +262,7 @@ fn a_row_that_cannot_take_its_input_dooms_its_next_row() {
         poison: Vec::new(),
         demotions: Vec::new(),
         restores: Vec::new(),
+        copies: Vec::new(),
     });
     assert!(
         r.samples.is_empty(),

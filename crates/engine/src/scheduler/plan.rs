@@ -34,6 +34,7 @@ impl Scheduler {
         if g.free_blocks() < self.promised {
             self.counters.broken_promises += 1;
         }
+        self.fork_parked(&mut g)?;
         let mut room = Room::new(epoch, self.finishing_blocks(&g)?);
         let mut budget = self.config.max_step_tokens;
         self.score_rows = SCORE_CHUNK;
@@ -151,11 +152,17 @@ impl Scheduler {
         self.counters.rows += (self.config.max_step_tokens - budget) as u64;
         self.counters.batch_seqs += seqs.len() as u64;
         self.counters.schedule_nanos += t0.elapsed().as_nanos() as u64;
+        // Forked samples run from the next step (their first tokens come
+        // from this one).
+        for c in std::mem::take(&mut self.forked) {
+            self.seqs.insert(c.id, c);
+        }
         Ok(Some(Step {
             epoch,
             seqs,
             retire: std::mem::take(&mut self.retire),
             poison: std::mem::take(&mut self.fresh),
+            copies: std::mem::take(&mut self.copies),
             demotions,
             restores: self
                 .tiers
@@ -163,6 +170,52 @@ impl Scheduler {
                 .map(|t| std::mem::take(&mut t.step_restores))
                 .unwrap_or_default(),
         }))
+    }
+
+    /// Forks the samples whose prompt's step has completed: each shares
+    /// the request's blocks and runs from this step. A request that ended
+    /// meanwhile leaves its samples to be admitted as preempted requests
+    /// are (its full blocks are in the prefix cache by then).
+    fn fork_parked(&mut self, g: &mut PoolGuard<'_>) -> Result<(), KvError> {
+        let done = self.last_done;
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.2 <= done);
+        self.parked = later;
+        for (parent, kids, _) in ready {
+            let live: Vec<RequestId> = kids
+                .into_iter()
+                .filter(|k| self.seqs.get(k).is_some_and(|c| !c.finished))
+                .collect();
+            // Each live sample's lease, forked from the request's.
+            let mut leases = Vec::new();
+            if let Some(p) = self.seqs.get_mut(&parent) {
+                p.waits_fork = false;
+                if let Some(l) = p.lease.as_ref().filter(|_| !p.finished) {
+                    p.shared_tail = true;
+                    for &k in &live {
+                        leases.push(g.fork(l, strata_kv::OwnerTag(k.get()))?);
+                    }
+                }
+            }
+            let mut leases = leases.into_iter();
+            for k in live {
+                let c = self.seqs.get_mut(&k).expect("filtered above");
+                match leases.next() {
+                    Some(l) => {
+                        c.lease = Some(l);
+                        let at = self.running.partition_point(|&r| r < k);
+                        self.running.insert(at, k);
+                    }
+                    None => {
+                        c.computed = 0;
+                        c.shared_tail = false;
+                        self.waiting.push_front(k);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The row of running request `id` in this step, writing its tokens
@@ -207,14 +260,25 @@ impl Scheduler {
         };
         let have = g.table(lease.id())?.len();
         let need = (s.computed + n).div_ceil(bs).saturating_sub(have);
+        // The first write into a partial tail block shared with forks
+        // copies it first: one block more.
+        let cow = s.shared_tail && !s.computed.is_multiple_of(bs);
+        if need + usize::from(cow) > room.available_now(g) {
+            return Ok(Planned::NoBlocks(need + usize::from(cow)));
+        }
         if need > 0 {
-            if need > room.available_now(g) {
-                return Ok(Planned::NoBlocks(need));
-            }
             g.allocate(lease, need)?;
             if self.config.sanitize {
                 self.fresh.extend_from_slice(&g.table(lease.id())?[have..]);
             }
+        }
+        if cow {
+            s.shared_tail = false;
+            if let Some(c) = g.copy_on_write(lease, epoch)? {
+                self.copies.push(c);
+            }
+        } else {
+            s.shared_tail = false;
         }
         let start = s.computed;
         let written = if pending {
@@ -258,6 +322,34 @@ impl Scheduler {
             s.sampler_sent = true;
             (s.sampling.clone(), s.tokens[..s.prompt_len].to_vec())
         });
+        // The prompt's last row: the other samples fork here, sharing its
+        // blocks, and this row's logits give them their first tokens.
+        let mut fanout = Vec::new();
+        if sample && !s.forks.is_empty() {
+            let forks = std::mem::take(&mut s.forks);
+            s.waits_fork = true;
+            let mut kids = Vec::new();
+            for f in forks {
+                if f.unread.load(std::sync::atomic::Ordering::Acquire) & crate::request::CANCELLED
+                    != 0
+                {
+                    let _ = f.events.send(crate::request::Event::Finished {
+                        reason: FinishReason::Abort,
+                        usage: Default::default(),
+                    });
+                    continue;
+                }
+                let _ = f.events.send(crate::request::Event::Admitted {
+                    cached_tokens: s.cached_tokens.unwrap_or(0),
+                });
+                let mut sampling = s.sampling.clone();
+                sampling.seed = f.seed;
+                fanout.push((f.id, (sampling.clone(), s.tokens[..s.prompt_len].to_vec())));
+                kids.push(f.id);
+                self.forked.push(s.fork(f, sampling));
+            }
+            self.parked.push((id, kids, epoch));
+        }
         // Stop tokens may not be sampled before `min_tokens`.
         let produced = s.generated() + s.outstanding - sample as usize;
         let suppress = if sample && produced < s.min_tokens {
@@ -290,6 +382,7 @@ impl Scheduler {
             sampler,
             accesses,
             score,
+            fanout,
         })))
     }
 }

@@ -115,6 +115,16 @@ impl Scheduler {
             cached_tokens: s.cached_tokens.unwrap_or(0),
             completion_tokens: s.generated(),
         };
+        // Samples that never forked end as their request did.
+        for f in std::mem::take(&mut s.forks) {
+            let _ = f.events.send(Event::Finished {
+                reason: reason.clone(),
+                usage: Usage {
+                    completion_tokens: 0,
+                    ..usage
+                },
+            });
+        }
         let _ = s.events.send(Event::Finished { reason, usage });
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);

@@ -122,7 +122,7 @@ impl Sim {
         let (tx, rx) = mpsc::unbounded_channel();
         let unread = std::sync::Arc::default();
         self.unread.insert(id, std::sync::Arc::clone(&unread));
-        self.sched.add(id, req, tx, unread);
+        self.sched.add(id, req, tx, unread, Vec::new());
         self.events.insert(id, rx);
         id
     }
@@ -363,7 +363,7 @@ impl Sim {
         let req = request(s.tokens, max_tokens, Some(session));
         let unread = std::sync::Arc::default();
         self.unread.insert(id, std::sync::Arc::clone(&unread));
-        self.sched.add(id, req, tx, unread);
+        self.sched.add(id, req, tx, unread, Vec::new());
         id
     }
 

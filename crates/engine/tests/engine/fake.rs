@@ -231,6 +231,10 @@ impl<R: Runner> Runner for Gated<R> {
         self.inner.poison(block);
     }
 
+    fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<(), String> {
+        self.inner.copy_block(src, dst)
+    }
+
     fn rows(&mut self, requests: &[RequestId]) {
         self.inner.rows(requests);
     }

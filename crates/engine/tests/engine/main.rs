@@ -9,6 +9,7 @@ mod held;
 mod prefix_sharing;
 mod regressions;
 mod requests;
+mod samples;
 mod sessions;
 #[cfg(shuttle)]
 mod shuttle;

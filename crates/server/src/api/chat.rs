@@ -34,6 +34,12 @@ pub(super) async fn chat(
     }
     let logprobs = req.logprobs.then_some(top);
     let mut checked = req.common.check(l.vocab, top)?;
+    if checked.best_of != checked.n {
+        return Err(ApiError::invalid(
+            "best_of",
+            "best_of is for /v1/completions",
+        ));
+    }
     let template = l.template.as_ref().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;

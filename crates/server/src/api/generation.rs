@@ -45,6 +45,8 @@ pub(super) struct Generation {
     pub(super) handle: Option<RequestHandle>,
     pub(super) kind: Kind,
     pub(super) id: String,
+    /// Its choice's index (`n > 1`).
+    pub(super) index: u32,
     pub(super) logprobs: Option<usize>,
     pub(super) arrival: Instant,
     /// Unix seconds when the request arrived (OpenAI's `created`).
@@ -66,6 +68,8 @@ pub(super) struct Generation {
     pub(super) finished: bool,
     /// The tools the answer may call, and the format calls come in.
     pub(super) tools: Option<(Arc<ToolSet>, ToolFormat)>,
+    /// The log-probability of its tokens so far (`best_of` ranks by it).
+    pub(super) logprob_sum: f64,
 }
 
 /// A prompt whose tokens' log-probabilities the answer shows.
@@ -160,6 +164,7 @@ impl Generation {
                         Some(t) => self.state.metrics.itl.observe((now - t).as_secs_f64()),
                     }
                     self.last_token = Some(now);
+                    self.logprob_sum += f64::from(logprob);
                     self.text.push_str(&text);
                     self.last = Some(id);
                     return Ok(Step::Token {

@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 use super::generation::{Generation, Kind, Step};
 use super::logprobs::{ChatLogprobs, TextLogprobs};
 use super::tool_calls::ToolStream;
+use futures_util::StreamExt;
+use std::sync::{Arc, Mutex};
+use strata_engine::Usage;
 
 /// A streamed generation: server-sent events, one chunk per token, a last
 /// chunk with the finish reason, the usage if asked for, then `[DONE]`.
@@ -26,6 +29,9 @@ pub(super) struct Streamer {
     echo_pending: bool,
     /// With tools: the text that may be a call, held until it is known.
     calls: Option<ToolStream>,
+    /// One of several choices (`n > 1`): its usage goes here, and the
+    /// merged stream sends the usage and `[DONE]` once, after all of them.
+    shared: Option<Arc<Mutex<Vec<Usage>>>>,
 }
 
 impl Streamer {
@@ -50,7 +56,8 @@ impl Streamer {
         v.to_string()
     }
 
-    fn chunk(&self, choice: Value) -> String {
+    fn chunk(&self, mut choice: Value) -> String {
+        choice["index"] = json!(self.g.index);
         self.chunk_with(json!([choice]), Value::Null)
     }
 
@@ -166,42 +173,94 @@ impl Streamer {
                     };
                     let c = self.chunk(last);
                     self.queue.push_back(c);
+                    self.over = true;
+                    if let Some(all) = &self.shared {
+                        all.lock().unwrap_or_else(|p| p.into_inner()).push(usage);
+                        continue;
+                    }
                     if self.include_usage {
                         let c = self.chunk_with(json!([]), Generation::usage_json(&usage));
                         self.queue.push_back(c);
                     }
                     self.queue.push_back("[DONE]".into());
-                    self.over = true;
                 }
                 Err(e) => {
                     // Errors inside a stream are an event with OpenAI's
                     // error object, then the end.
                     self.queue.push_back(e.body().to_string());
-                    self.queue.push_back("[DONE]".into());
                     self.over = true;
+                    if self.shared.is_none() {
+                        self.queue.push_back("[DONE]".into());
+                    }
                 }
             }
         }
     }
 }
 
-pub(super) fn respond_stream(g: Generation, include_usage: bool) -> Response {
-    let offset = g.echo.as_ref().map_or(0, |e| e.chars().count());
-    let calls = g.tools.as_ref().map(|(_, f)| ToolStream::new(*f));
-    let s = Streamer {
-        g,
-        include_usage,
-        queue: VecDeque::new(),
-        started: false,
-        over: false,
-        offset,
-        echo_pending: false,
-        calls,
-    };
-    let stream = futures_util::stream::unfold(s, |mut s| async move {
-        s.next()
-            .await
-            .map(|d| (Ok::<_, Infallible>(SseEvent::default().data(d)), s))
+impl Streamer {
+    fn new(g: Generation, include_usage: bool, shared: Option<Arc<Mutex<Vec<Usage>>>>) -> Self {
+        let offset = g.echo.as_ref().map_or(0, |e| e.chars().count());
+        let calls = g.tools.as_ref().map(|(_, f)| ToolStream::new(*f));
+        Self {
+            g,
+            include_usage,
+            queue: VecDeque::new(),
+            started: false,
+            over: false,
+            offset,
+            echo_pending: false,
+            calls,
+            shared,
+        }
+    }
+
+    fn events(self) -> impl futures_util::Stream<Item = String> {
+        futures_util::stream::unfold(self, |mut s| async move { s.next().await.map(|d| (d, s)) })
+    }
+}
+
+/// Streams the generations: one, or several choices (`n > 1`) whose
+/// chunks interleave as they come (each names its `index`), then the
+/// usage (the prompt counted once) and `[DONE]`, once.
+pub(super) fn respond_stream(mut gens: Vec<Generation>, include_usage: bool) -> Response {
+    let sse = |d: String| Ok::<_, Infallible>(SseEvent::default().data(d));
+    if gens.len() == 1 {
+        let g = gens.pop().expect("one generation");
+        return Sse::new(Streamer::new(g, include_usage, None).events().map(sse)).into_response();
+    }
+    let shared = Arc::new(Mutex::new(Vec::new()));
+    let head = gens.first().map(|g| {
+        json!({
+            "id": g.id, "object": "chat.completion.chunk", "created": g.created,
+            "model": g.loaded.name, "system_fingerprint": g.loaded.fingerprint,
+            "choices": [],
+        })
     });
-    Sse::new(stream).into_response()
+    let kind_object = gens.first().map(|g| match g.kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    });
+    let merged = futures_util::stream::select_all(gens.into_iter().map(|g| {
+        Streamer::new(g, include_usage, Some(shared.clone()))
+            .events()
+            .boxed()
+    }));
+    let tail = futures_util::stream::once(async move {
+        let mut out = Vec::new();
+        if include_usage && let (Some(mut v), Some(object)) = (head, kind_object) {
+            let all = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(first) = all.first() {
+                let mut u = *first;
+                u.completion_tokens = all.iter().map(|u| u.completion_tokens).sum();
+                v["object"] = json!(object);
+                v["usage"] = Generation::usage_json(&u);
+                out.push(v.to_string());
+            }
+        }
+        out.push("[DONE]".to_string());
+        futures_util::stream::iter(out)
+    })
+    .flatten();
+    Sse::new(merged.chain(tail).map(sse)).into_response()
 }

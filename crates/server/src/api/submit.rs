@@ -82,7 +82,8 @@ pub(super) async fn submit(
         deadline: Some(deadline),
         prompt_logprobs: sub.scored.as_ref().map(|_| sub.logprobs.unwrap_or(0)),
     };
-    let handle = match loaded.engine.submit(req) {
+    let (n, best_of) = (sub.checked.n, sub.checked.best_of);
+    let handles = match loaded.engine.submit_n(req, best_of) {
         Ok(h) => h,
         Err(e) => {
             if let Some(t) = &turn {
@@ -91,39 +92,50 @@ pub(super) async fn submit(
             return Err(e.into());
         }
     };
-    let g = Generation {
-        deadline: tokio::time::Instant::from_std(deadline),
-        state,
-        loaded,
-        handle: Some(handle),
-        kind: sub.kind,
-        id: request_id(match sub.kind {
-            Kind::Chat => "chatcmpl",
-            Kind::Completion => "cmpl",
-        }),
-        logprobs: sub.logprobs,
-        arrival,
-        created,
-        last_token: None,
-        text: String::new(),
-        last: None,
-        echo: sub.echo,
-        scored: sub.scored,
-        prompt_only: sub.prompt_only,
-        turn,
-        tenant: sub.tenant,
-        finished: false,
-        tools: sub.tools,
-    };
+    let id = request_id(match sub.kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    });
+    // One generation per sample (a session's turn is one: the engine
+    // refuses more).
+    let mut turn = turn;
+    let mut scored = sub.scored;
+    let gens: Vec<Generation> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, handle)| Generation {
+            deadline: tokio::time::Instant::from_std(deadline),
+            state: state.clone(),
+            loaded: loaded.clone(),
+            handle: Some(handle),
+            kind: sub.kind,
+            id: id.clone(),
+            index: i as u32,
+            logprobs: sub.logprobs,
+            arrival,
+            created,
+            last_token: None,
+            text: String::new(),
+            last: None,
+            echo: sub.echo.clone(),
+            scored: scored.take(),
+            prompt_only: sub.prompt_only,
+            turn: turn.take(),
+            tenant: sub.tenant,
+            finished: false,
+            tools: sub.tools.clone(),
+            logprob_sum: 0.0,
+        })
+        .collect();
     if common.stream {
         let include_usage = common
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        Ok(respond_stream(g, include_usage))
+        Ok(respond_stream(gens, include_usage))
     } else {
         // This future is the handler's: if the client disconnects, axum
-        // drops it, and with it the generation (which aborts).
-        respond_whole(g).await
+        // drops it, and with it the generations (which abort).
+        respond_whole(gens, n).await
     }
 }

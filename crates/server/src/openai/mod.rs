@@ -93,8 +93,10 @@ pub(crate) struct Common {
     pub(crate) frequency_penalty: Option<f64>,
     /// In (0, 2].
     pub(crate) repetition_penalty: Option<f64>,
-    /// Must be 1.
+    /// Choices to return, in [1, 16].
     pub(crate) n: Option<i64>,
+    /// Completions: samples to draw, the `n` most likely returned.
+    pub(crate) best_of: Option<i64>,
     /// Token id (as a string) to a bias in [-100, 100], as given.
     pub(crate) logit_bias: Option<Vec<(String, f64)>>,
     /// Keep going past end-of-sequence.
@@ -152,6 +154,7 @@ impl Common {
                 frequency_penalty,
                 repetition_penalty,
                 n,
+                best_of,
                 ignore_eos,
                 min_tokens,
                 stream,
@@ -179,7 +182,6 @@ pub(crate) struct Unsupported {
     tool_choice: Option<Given>,
     functions: Option<Given>,
     function_call: Option<Given>,
-    best_of: Option<Given>,
     suffix: Option<Given>,
     audio: Option<Given>,
     modalities: Option<Given>,
@@ -203,7 +205,6 @@ impl Unsupported {
                 tool_choice,
                 functions,
                 function_call,
-                best_of,
                 suffix,
                 audio,
                 modalities,
@@ -218,7 +219,7 @@ impl Unsupported {
     pub(crate) fn check(&self) -> Result<(), ApiError> {
         let off = |v: &Option<Given>, offs: &[Value]| v.as_ref().is_none_or(|v| v.is_off(offs));
         let no_tools = [Value::Array(Vec::new())];
-        let checks: [(&'static str, bool, &str); 11] = [
+        let checks: [(&'static str, bool, &str); 10] = [
             (
                 "tools",
                 off(&self.tools, &no_tools),
@@ -238,11 +239,6 @@ impl Unsupported {
                 "function_call",
                 off(&self.function_call, &[Value::from("none")]),
                 "the older functions form is not supported: use tools",
-            ),
-            (
-                "best_of",
-                off(&self.best_of, &[Value::from(1)]),
-                "only best_of = 1 is supported",
             ),
             (
                 "suffix",
@@ -501,6 +497,10 @@ pub(crate) struct Checked {
     pub(crate) stop: StopConditions,
     /// The grammar the output must follow (compiled before submitting).
     pub(crate) grammar: Option<Wanted>,
+    /// Choices returned.
+    pub(crate) n: usize,
+    /// Samples drawn (at least `n`): the `n` most likely are returned.
+    pub(crate) best_of: usize,
 }
 
 fn range(
@@ -525,12 +525,31 @@ impl Common {
     pub(crate) fn check(&self, vocab: usize, top_logprobs: usize) -> Result<Checked, ApiError> {
         self.unsupported.check()?;
         let grammar = self.structured.wanted()?;
-        if let Some(n) = self.n
-            && n != 1
-        {
+        let max = strata_engine::MAX_SAMPLES as i64;
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=max).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("n must be in [1, {max}], got {n}"),
+                ));
+            }
+        };
+        let best_of = match self.best_of {
+            None => n,
+            Some(b) if (n as i64..=max).contains(&b) => b as usize,
+            Some(b) => {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    format!("best_of must be in [n, {max}] (n = {n}), got {b}"),
+                ));
+            }
+        };
+        if best_of > n && self.stream {
             return Err(ApiError::invalid(
-                "n",
-                format!("only n = 1 is supported, got {n}"),
+                "best_of",
+                "best_of cannot be streamed (the best are known only at the end)",
             ));
         }
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
@@ -696,6 +715,8 @@ impl Common {
         };
         Ok(Checked {
             grammar,
+            n,
+            best_of,
             sampling,
             stop: StopConditions {
                 max_tokens,

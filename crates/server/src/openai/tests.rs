@@ -177,8 +177,6 @@ fn unsupported_parameters_are_told_from_their_off_values() {
     assert!(refused("tools", json!([{"type": "function"}])));
     assert!(!refused("tool_choice", json!("none")));
     assert!(refused("tool_choice", json!("auto")));
-    assert!(!refused("best_of", json!(1)));
-    assert!(refused("best_of", json!(2)));
     // Too large to keep is never "off": a long string, a deep or wide value.
     assert!(refused("suffix", json!("x".repeat(100))));
     assert!(refused("tools", json!(vec![json!([]); 100])));

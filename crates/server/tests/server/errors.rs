@@ -203,7 +203,7 @@ fn bad_inputs_get_their_status_and_error_type() {
         ("repetition_penalty", json!(0.0)),
         ("max_tokens", json!(0)),
         ("max_completion_tokens", json!(-1)),
-        ("n", json!(2)),
+        ("n", json!(0)),
         ("top_logprobs", json!(50)),
         ("logit_bias", json!({"99999": 1})),
         ("logit_bias", json!({"5": 500})),

@@ -78,3 +78,115 @@ fn real_model_answers_over_http() {
     );
     s.wait_idle();
 }
+
+/// `n` samples of one prompt: greedy, all equal to the single answer;
+/// seeded, different from each other and the same every time; the prompt
+/// counted (and computed) once; streamed choices reassemble to the whole
+/// answer's; `best_of` returns the most likely.
+#[test]
+fn real_model_n_samples_share_the_prompt() {
+    let s = TestServer::real(&[]);
+    let ask = |extra: serde_json::Value| {
+        let mut b = json!({
+            "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+            "max_tokens": 24,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = s.post("/v1/chat/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let texts = |v: &serde_json::Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i);
+                c["message"]["content"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let one = ask(json!({"temperature": 0}));
+    let four = ask(json!({"temperature": 0, "n": 4}));
+    let t = texts(&four);
+    assert_eq!(t.len(), 4);
+    assert!(t.iter().all(|x| *x == texts(&one)[0]), "{t:?}");
+    assert_eq!(
+        four["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        four["usage"]["completion_tokens"].as_u64().unwrap(),
+        4 * one["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let a = texts(&ask(json!({"temperature": 1, "seed": 11, "n": 4})));
+    let b = texts(&ask(json!({"temperature": 1, "seed": 11, "n": 4})));
+    assert_eq!(a, b, "seeded samples repeat");
+    let distinct: std::collections::HashSet<_> = a.iter().collect();
+    assert_eq!(distinct.len(), 4, "seeded samples differ: {a:?}");
+    let solo = texts(&ask(json!({"temperature": 1, "seed": 11})));
+    assert_eq!(solo[0], a[0], "sample 0 is the request's own seed");
+
+    // Streamed: each choice's deltas are its whole answer.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+        "max_tokens": 24, "temperature": 1, "seed": 11, "n": 4, "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let events = s.stream("/v1/chat/completions", &body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    let mut got = vec![String::new(); 4];
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(e).unwrap();
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+        for c in v["choices"].as_array().unwrap() {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                got[c["index"].as_u64().unwrap() as usize].push_str(t);
+            }
+        }
+    }
+    assert_eq!(got, a);
+    let usage = usage.unwrap();
+    assert_eq!(usage["prompt_tokens"], four["usage"]["prompt_tokens"]);
+
+    // best_of: one choice, the most likely of three samples.
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": "The sea is", "max_tokens": 12, "temperature": 1, "seed": 3, "best_of": 3, "logprobs": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    let best: f64 = v["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .sum();
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": "The sea is", "max_tokens": 12, "temperature": 1, "seed": 3, "n": 3, "logprobs": 1}),
+    );
+    let all = r.json();
+    for c in all["choices"].as_array().unwrap() {
+        let lp: f64 = c["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!(
+            lp <= best + 1e-6,
+            "best_of returned {best}, a sample had {lp}"
+        );
+    }
+    s.wait_idle();
+}
